@@ -1,0 +1,42 @@
+"""Training and evaluation presets built from torchvision.transforms.v2.
+
+Boxes and masks are tv_tensors, so every geometric transform moves them with the image.
+Scale jitter is left to the model's own resize (``min_size`` as a tuple), which is free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+PER_INSTANCE_KEYS = ("labels", "area", "iscrowd")
+
+
+def per_instance_tensors(sample: Any) -> tuple[torch.Tensor, ...] | None:
+    """labels_getter for SanitizeBoundingBoxes: drop labels, area and iscrowd with their box."""
+    target = sample[1] if isinstance(sample, (tuple, list)) and len(sample) > 1 else sample
+    if not isinstance(target, dict):
+        return None
+    return tuple(target[k] for k in PER_INSTANCE_KEYS if k in target) or None
+
+
+def train_transforms(hflip_prob: float = 0.5, photometric: bool = False) -> v2.Compose:
+    """Augmentations for training: horizontal flip (the tutorial's), optional colour jitter."""
+    steps: list[Any] = [v2.ToImage()]
+    if hflip_prob > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip_prob))
+    if photometric:
+        steps.append(v2.RandomPhotometricDistort(p=0.5))
+    steps += [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.SanitizeBoundingBoxes(labels_getter=per_instance_tensors),
+        v2.ToPureTensor(),
+    ]
+    return v2.Compose(steps)
+
+
+def eval_transforms() -> v2.Compose:
+    """Evaluation: convert to a float image in [0, 1]; the model resizes and normalises."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.ToPureTensor()])

@@ -1,0 +1,58 @@
+"""Checkpoints and run files, written atomically (temporary file + rename), read weights-only."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detfit.errors import DetfitError
+from detfit.fileio import atomic_write
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """Write ``checkpoint`` so that ``path`` is always either the old or the new complete file."""
+    atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A detfit checkpoint, loaded with ``weights_only=True`` (no code runs from the file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise DetfitError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DetfitError(f"{path}: not a readable checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_info" not in ckpt:
+        raise DetfitError(f"{path}: not a detfit checkpoint (no model/model_info)")
+    return ckpt
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training touches, in types ``weights_only`` loading accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

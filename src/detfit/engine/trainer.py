@@ -1,0 +1,175 @@
+"""The main job: train with a COCO evaluation after every epoch, writing a run folder.
+
+runs/<name>/  config.yaml  metrics.csv  metrics.json  last.pt  best.pt
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detfit.config import TrainConfig
+from detfit.engine.builders import (
+    build_datasets,
+    build_loaders,
+    build_optimizer,
+    build_scheduler,
+)
+from detfit.engine.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from detfit.engine.loop import evaluate, iou_types_for, train_one_epoch
+from detfit.fileio import atomic_write_text
+from detfit.models import build_model, model_info, rebuild_model
+from detfit.paths import DEFAULT_RUNS_DIR
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def new_run_dir(name: str, root: Path = DEFAULT_RUNS_DIR) -> Path:
+    """``runs/<name>``, ``runs/<name>-2``, ... whichever is free first."""
+    for n in range(1, 10_000):
+        path = root / (name if n == 1 else f"{name}-{n}")
+        if not path.exists():
+            return path
+    raise RuntimeError(f"no free run folder under {root}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def flatten_metrics(stats: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{iou}_{name}": value for iou, s in stats.items() for name, value in s.items()}
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=2))
+    fields = list(dict.fromkeys(k for row in history for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
+
+
+def fit(
+    cfg: TrainConfig | None = None,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train ``cfg`` (or continue the run in ``resume``); returns the run folder."""
+    ckpt = None
+    if resume is not None:
+        run_dir = Path(resume)
+        ckpt = load_checkpoint(run_dir / "last.pt" if run_dir.is_dir() else run_dir)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        cfg = TrainConfig.from_dict(ckpt["config"], f"{run_dir}/last.pt")
+    assert cfg is not None
+    run_dir = run_dir if ckpt else Path(cfg.out) if cfg.out else new_run_dir(cfg.model)
+
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    data = build_datasets(cfg)
+    if ckpt:
+        model = rebuild_model(ckpt["model_info"], ckpt["model"])
+        info = ckpt["model_info"]
+    else:
+        model = build_model(
+            cfg.model, len(data.classes), weights=cfg.weights,
+            weights_backbone=cfg.weights_backbone, **cfg.model_options,
+        )
+        info = model_info(cfg.model, len(data.classes), data.classes, cfg.model_options, model)
+    model.to(device)
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader, test_loader = build_loaders(cfg, data, loader_gen)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+    metric_key = "segm_AP" if "segm" in iou_types_for(model) else "bbox_AP"
+
+    start_epoch, history, best, minutes_before = 0, [], -1.0, 0.0
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        loader_gen.set_state(ckpt["loader_rng"])
+        start_epoch = ckpt["epoch"] + 1
+        history = list(ckpt["history"])
+        best = ckpt["best"]
+        minutes_before = history[-1]["minutes"] if history else 0.0
+        log(f"resuming {run_dir} at epoch {start_epoch}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    log(
+        f"run folder {run_dir} | model {cfg.model} | {len(data.train)} train / {len(data.test)} "
+        f"test images | {len(train_loader)} iterations per epoch | device {device}"
+    )
+
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        train_stats = train_one_epoch(
+            model, optimizer, train_loader, device, epoch, cfg.print_freq, scaler,
+            lr_scheduler=scheduler, clip_grad_norm=cfg.clip_grad_norm, progress=progress,
+        )
+        result = evaluate(
+            model, test_loader, device, classes=data.classes, progress=progress, verbose=False
+        )
+        row = {
+            "epoch": epoch,
+            "minutes": round(minutes_before + (time.perf_counter() - t0) / 60, 3),
+            **{f"train_{k}": v for k, v in train_stats.items()},
+            "eval_seconds": result.seconds,
+            "eval_seconds_per_image": result.seconds / max(result.num_images, 1),
+            **flatten_metrics(result.stats),
+        }
+        history.append(row)
+        write_metrics(run_dir, history)
+        checkpoint = {
+            "model": model.state_dict(),
+            "model_info": info,
+            "config": cfg.to_dict(),
+            "epoch": epoch,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+            "loader_rng": loader_gen.get_state(),
+            "history": history,
+            "best": max(best, row[metric_key]),
+            "metric_key": metric_key,
+        }
+        save_checkpoint(run_dir / "last.pt", checkpoint)
+        if row[metric_key] > best:
+            best = row[metric_key]
+            save_checkpoint(run_dir / "best.pt", checkpoint)
+        aps = " ".join(f"{t} AP {s['AP']:.3f} (AP50 {s['AP50']:.3f})" for t, s in result.stats.items())
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs}: loss {train_stats.get('loss', float('nan')):.3f} | "
+            f"{aps} | {row['minutes']:.1f} min"
+        )
+    return run_dir

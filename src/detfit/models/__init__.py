@@ -1,0 +1,13 @@
+"""Models: one registry of builders for situation A (COCO-pretrained torchvision detectors with new
+class layers) and situation B (other backbones)."""
+
+from detfit.models.registry import (
+    MODELS,
+    ModelSpec,
+    build_model,
+    get_spec,
+    model_info,
+    rebuild_model,
+)
+
+__all__ = ["MODELS", "ModelSpec", "build_model", "get_spec", "model_info", "rebuild_model"]

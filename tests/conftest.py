@@ -1,0 +1,42 @@
+"""Shared fixtures: synthetic Penn-Fudan-shaped data made by the tests, and the real set when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from detfit.data.synthetic import make_pennfudan
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_PENNFUDAN = REPO.parent / "shared" / "data" / "PennFudanPed"
+TINY = {"min_size": 64, "max_size": 96}  # model options that keep every test fast
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """Eight synthetic images with instance-id masks, laid out as PennFudanPed/."""
+    return make_pennfudan(tmp_path_factory.mktemp("synthetic"), num_images=8)
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    if not (REAL_PENNFUDAN / "PNGImages").is_dir():
+        pytest.skip("real Penn-Fudan not present (../shared/data/PennFudanPed)")
+    return REAL_PENNFUDAN
+
+
+@pytest.fixture
+def offline_torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty torchvision weight cache, so nothing pretrained is found unless a test puts it there."""
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    return home / "hub" / "checkpoints"
