@@ -12,6 +12,12 @@ from detfit.data.synthetic import make_pennfudan
 REPO = Path(__file__).resolve().parents[1]
 REAL_PENNFUDAN = REPO.parent / "shared" / "data" / "PennFudanPed"
 TINY = {"min_size": 64, "max_size": 96}  # model options that keep every test fast
+# Few proposals and detections: an untrained model otherwise runs its heads on 1000 RoIs/image.
+FAST_EVAL = {
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 20,
+    "box_detections_per_img": 5,
+}
 
 
 @pytest.fixture(autouse=True)

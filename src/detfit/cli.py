@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -22,7 +22,7 @@ data_app = typer.Typer(help="Datasets: download, verify, summarise.", no_args_is
 app.add_typer(data_app, name="data")
 
 DataRoot = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--data-root", help="Folder holding PennFudanPed (or PennFudanPed itself)."),
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")]
@@ -47,20 +47,35 @@ def _apply_sets(data: dict[str, Any], sets: list[str]) -> None:
 
 @app.command()
 def train(
-    recipe: Annotated[str, typer.Option(help="auto (cpu without a GPU, else tutorial), cpu, tutorial.")] = "auto",
-    config: Annotated[Optional[Path], typer.Option(help="YAML file of settings (see config.yaml in a run folder).")] = None,
+    recipe: Annotated[
+        str, typer.Option(help="auto (cpu without a GPU, else tutorial), cpu, tutorial.")
+    ] = "auto",
+    config: Annotated[
+        Path | None, typer.Option(help="YAML file of settings (see config.yaml in a run folder).")
+    ] = None,
     data_root: DataRoot = None,
-    model: Annotated[Optional[str], typer.Option(help="Architecture; `detfit models` lists them.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="DEFAULT, an enum name, a .pth file, or none.")] = None,
-    weights_backbone: Annotated[Optional[str], typer.Option(help="Backbone weights: enum name, file, or none.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Number of epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per training batch.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Base learning rate.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading processes.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<model>[-N]).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder at its next epoch.")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Any setting as KEY=VALUE, e.g. model_options.min_size=512.")] = [],  # noqa: B006
+    model: Annotated[
+        str | None, typer.Option(help="Architecture; `detfit models` lists them.")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="DEFAULT, an enum name, a .pth file, or none.")
+    ] = None,
+    weights_backbone: Annotated[
+        str | None, typer.Option(help="Backbone weights: enum name, file, or none.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per training batch.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Base learning rate.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data-loading processes.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<model>[-N]).")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the run in this folder at its next epoch.")
+    ] = None,
+    set_: Annotated[
+        list[str],
+        typer.Option("--set", help="Any setting as KEY=VALUE, e.g. model_options.min_size=512."),
+    ] = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Fine-tune on Penn-Fudan, with a COCO evaluation (bbox, segm) after every epoch."""
@@ -85,9 +100,16 @@ def train(
         raise DetfitError(f"unknown recipe {recipe!r}; choose auto, {', '.join(RECIPES)}")
     data = TrainConfig.load(config).to_dict() if config else recipe_config(recipe).to_dict()
     overrides = dict(
-        data_root=str(data_root) if data_root else None, model=model, weights=weights,
-        weights_backbone=weights_backbone, epochs=epochs, batch_size=batch_size, lr=lr,
-        workers=workers, device=device, out=str(out) if out else None,
+        data_root=str(data_root) if data_root else None,
+        model=model,
+        weights=weights,
+        weights_backbone=weights_backbone,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        workers=workers,
+        device=device,
+        out=str(out) if out else None,
     )
     data.update({k: v for k, v in overrides.items() if v is not None})
     _apply_sets(data, set_)
@@ -101,7 +123,9 @@ def eval_(
     checkpoint: Annotated[Path, typer.Argument(help="A .pt checkpoint or a run folder.")],
     data_root: DataRoot = None,
     device: Device = "auto",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the stats here.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the stats here.")
+    ] = None,
 ) -> None:
     """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type)."""
     from detfit.config import TrainConfig
@@ -130,8 +154,12 @@ def eval_(
 def predict(
     checkpoint: Annotated[Path, typer.Argument(help="A .pt checkpoint or a run folder.")],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for <image>.png overlays and <image>.json.")],
-    score_threshold: Annotated[float, typer.Option(help="Keep detections scoring at least this.")] = 0.5,
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for <image>.png overlays and <image>.json.")
+    ],
+    score_threshold: Annotated[
+        float, typer.Option(help="Keep detections scoring at least this.")
+    ] = 0.5,
     device: Device = "auto",
 ) -> None:
     """Draw masks, boxes, class names and scores on each image; write detections as JSON."""
@@ -144,7 +172,9 @@ def predict(
 @data_app.command("pennfudan")
 def data_pennfudan(
     data_root: DataRoot = None,
-    download: Annotated[bool, typer.Option(help="Download into the cache when no copy is found.")] = True,
+    download: Annotated[
+        bool, typer.Option(help="Download into the cache when no copy is found.")
+    ] = True,
 ) -> None:
     """Download (or find), verify and summarise Penn-Fudan."""
     from detfit.data.pennfudan import resolve_pennfudan, summarize_pennfudan

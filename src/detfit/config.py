@@ -91,11 +91,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         "weights": None,
         "weights_backbone": "IMAGENET1K_V1",
         "model_options": {
-            "min_size": [448, 480, 544, 576, 512],  # random per image; the last is for eval
-            "max_size": 960,
-            "trainable_backbone_layers": 4,
+            "min_size": [384, 416, 480, 512, 448],  # random per image; the last is for eval
+            "max_size": 800,
+            "trainable_backbone_layers": 3,
             "fpn_channels": 128,
             "mask_head_channels": 128,
+            "mask_head_norm": True,
             "box_batch_size_per_image": 128,
             "rpn_pre_nms_top_n_train": 1000,
             "rpn_post_nms_top_n_train": 500,
@@ -103,7 +104,8 @@ RECIPES: dict[str, dict[str, Any]] = {
             "rpn_post_nms_top_n_test": 300,
         },
         "epochs": 12,
-        "lr": 0.02,
+        "optimizer": "adamw",
+        "lr": 0.0002,
         "weight_decay": 0.0001,
         "warmup_iters": 100,
         "lr_schedule": "cosine",
@@ -117,5 +119,9 @@ def recipe_config(name: str, **overrides: Any) -> TrainConfig:
     """A TrainConfig for recipe ``name`` with ``overrides`` applied on top."""
     if name not in RECIPES:
         raise DetfitError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
-    data = {**RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}, "recipe": name}
+    data = {
+        **RECIPES[name],
+        **{k: v for k, v in overrides.items() if v is not None},
+        "recipe": name,
+    }
     return TrainConfig.from_dict(data, f"recipe {name}")

@@ -13,10 +13,10 @@ from torchvision.io import ImageReadMode, decode_image, encode_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from detfit.engine.checkpoint import load_checkpoint
-from detfit.fileio import atomic_write, atomic_write_text
 from detfit.engine.trainer import resolve_device
 from detfit.errors import DetfitError
 from detfit.eval.coco import encode_masks
+from detfit.fileio import atomic_write, atomic_write_text
 from detfit.models import rebuild_model
 
 
@@ -72,29 +72,44 @@ def draw_prediction(
             for c, s in zip(prediction["labels"].tolist(), prediction["scores"].tolist())
         ]
         width = max(1, round(max(image.shape[-2:]) / 300))
-        out = draw_bounding_boxes(out, prediction["boxes"], labels=labels, width=width, colors="red")
+        out = draw_bounding_boxes(
+            out, prediction["boxes"], labels=labels, width=width, colors="red"
+        )
     return out
 
 
 def prediction_record(
-    path: Path, image: torch.Tensor, prediction: dict[str, torch.Tensor],
-    classes: Sequence[str] | None, mask_threshold: float = 0.5,
+    path: Path,
+    image: torch.Tensor,
+    prediction: dict[str, torch.Tensor],
+    classes: Sequence[str] | None,
+    mask_threshold: float = 0.5,
 ) -> dict[str, Any]:
     """JSON-ready detections: class, score, xyxy box, and the mask as COCO RLE."""
-    rles = (
-        encode_masks(prediction["masks"] > mask_threshold) if "masks" in prediction else []
-    )
+    rles = encode_masks(prediction["masks"] > mask_threshold) if "masks" in prediction else []
     detections = []
-    for k, (label, score, box) in enumerate(zip(
-        prediction["labels"].tolist(), prediction["scores"].tolist(), prediction["boxes"].tolist()
-    )):
-        det = {"label": label, "class": class_name(classes, label), "score": round(score, 4),
-               "box_xyxy": [round(v, 2) for v in box]}
+    for k, (label, score, box) in enumerate(
+        zip(
+            prediction["labels"].tolist(),
+            prediction["scores"].tolist(),
+            prediction["boxes"].tolist(),
+        )
+    ):
+        det = {
+            "label": label,
+            "class": class_name(classes, label),
+            "score": round(score, 4),
+            "box_xyxy": [round(v, 2) for v in box],
+        }
         if rles:
             det["mask_rle"] = rles[k]
         detections.append(det)
-    return {"image": str(path), "height": image.shape[-2], "width": image.shape[-1],
-            "detections": detections}
+    return {
+        "image": str(path),
+        "height": image.shape[-2],
+        "width": image.shape[-1],
+        "detections": detections,
+    }
 
 
 def predict_files(

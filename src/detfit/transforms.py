@@ -41,7 +41,9 @@ def _as_tv_tensors(image: Any, target: dict[str, Any] | None):
 
 def _restore(target: dict[str, Any] | None, visibility: torch.Tensor | None):
     if target is not None and visibility is not None:
-        target["keypoints"] = torch.cat([target["keypoints"].as_subclass(torch.Tensor), visibility], -1)
+        target["keypoints"] = torch.cat(
+            [target["keypoints"].as_subclass(torch.Tensor), visibility], -1
+        )
     return target
 
 
@@ -109,7 +111,17 @@ class SanitizeBoundingBoxes(_V2Adapter):
 
 
 __all__ = [
-    "Compose", "ConvertImageDtype", "PILToTensor", "RandomHorizontalFlip", "RandomIoUCrop",
-    "RandomPhotometricDistort", "RandomShortestSize", "RandomZoomOut", "SanitizeBoundingBoxes",
-    "ScaleJitter", "ToDtype", "ToImage", "ToPureTensor",
+    "Compose",
+    "ConvertImageDtype",
+    "PILToTensor",
+    "RandomHorizontalFlip",
+    "RandomIoUCrop",
+    "RandomPhotometricDistort",
+    "RandomShortestSize",
+    "RandomZoomOut",
+    "SanitizeBoundingBoxes",
+    "ScaleJitter",
+    "ToDtype",
+    "ToImage",
+    "ToPureTensor",
 ]

@@ -29,7 +29,9 @@ def split_dataset(
 ) -> tuple[Subset, Subset]:
     """Tutorial split: the same images seen through train and eval transforms."""
     train_idx, test_idx = split_indices(len(train_ds), num_test, seed)
-    return Subset(train_ds, train_idx), Subset(test_ds if test_ds is not None else train_ds, test_idx)
+    return Subset(train_ds, train_idx), Subset(
+        test_ds if test_ds is not None else train_ds, test_idx
+    )
 
 
 def image_size(dataset: Dataset, idx: int) -> tuple[int, int]:

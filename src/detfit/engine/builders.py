@@ -45,9 +45,7 @@ def build_datasets(cfg: TrainConfig, download: bool = True) -> Datasets:
 def build_loaders(cfg: TrainConfig, data: Datasets, generator: torch.Generator | None = None):
     """Training loader with aspect-ratio grouped batches; evaluation loader in order."""
     sampler = RandomSampler(data.train, generator=generator)
-    common: dict[str, Any] = dict(
-        num_workers=cfg.workers, collate_fn=collate_fn
-    )
+    common: dict[str, Any] = dict(num_workers=cfg.workers, collate_fn=collate_fn)
     if cfg.aspect_ratio_group_factor >= 0:
         groups = aspect_ratio_groups(data.train, k=cfg.aspect_ratio_group_factor)
         batch_sampler = GroupedBatchSampler(sampler, groups, cfg.batch_size)

@@ -22,7 +22,10 @@ MAX_NONFINITE_STEPS = 5  # consecutive NaN/inf losses before training stops
 def move_to(images, targets, device: torch.device):
     images = [img.to(device, non_blocking=True) for img in images]
     targets = [
-        {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+        {
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in t.items()
+        }
         for t in targets
     ]
     return images, targets
@@ -42,7 +45,9 @@ def _as_float_image(image):
 def reference_warmup(optimizer, data_loader) -> torch.optim.lr_scheduler.LRScheduler:
     """The references' first-epoch warm-up: linear from 0.001x over min(1000, len-1) iterations."""
     warmup_iters = max(1, min(1000, len(data_loader) - 1))
-    return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.001, total_iters=warmup_iters)
+    return torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=0.001, total_iters=warmup_iters
+    )
 
 
 def train_one_epoch(
@@ -69,11 +74,16 @@ def train_one_epoch(
     if lr_scheduler == "reference":
         lr_scheduler = reference_warmup(optimizer, data_loader) if epoch == 0 else None
     sums: dict[str, float] = defaultdict(float)
-    steps = nonfinite = 0
+    steps = nonfinite = skipped = 0
+    total = 0.0
     start = time.perf_counter()
     bar = tqdm(
-        data_loader, desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True,
-        miniters=max(1, print_freq // 5), leave=True,
+        data_loader,
+        desc=f"epoch {epoch}",
+        disable=not progress,
+        dynamic_ncols=True,
+        miniters=max(1, print_freq // 5),
+        leave=True,
     )
     for i, (images, targets) in enumerate(bar):
         images, targets = move_to([_as_float_image(im) for im in images], targets, device)
@@ -82,6 +92,7 @@ def train_one_epoch(
             loss = sum(loss_dict.values())
         if not math.isfinite(loss.item()):
             nonfinite += 1
+            skipped += 1
             optimizer.zero_grad(set_to_none=True)
             if nonfinite >= MAX_NONFINITE_STEPS:
                 raise DetfitError(
@@ -106,19 +117,22 @@ def train_one_epoch(
         if lr_scheduler is not None:
             lr_scheduler.step()
         steps += 1
-        sums["loss"] += loss.item()
         for k, v in loss_dict.items():
             sums[k] += v.item()
+        total += loss.item()
         if i % max(1, print_freq // 5) == 0 or i == len(bar) - 1:
             bar.set_postfix(
-                loss=f"{sums['loss'] / steps:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}"
+                loss=f"{total / steps:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}"
             )
     bar.close()
     elapsed = time.perf_counter() - start
     result = {k: v / max(steps, 1) for k, v in sums.items()}
     result.update(
-        lr=optimizer.param_groups[0]["lr"], seconds=elapsed,
-        seconds_per_iter=elapsed / max(steps + nonfinite, 1), skipped_steps=float(nonfinite),
+        loss=total / max(steps, 1),
+        lr=optimizer.param_groups[0]["lr"],
+        seconds=elapsed,
+        seconds_per_iter=elapsed / max(steps + skipped, 1),
+        skipped_steps=float(skipped),
     )
     return result
 
@@ -140,8 +154,13 @@ class EvaluationResult:
     ``result.coco_eval["bbox"].stats`` works as with the references' CocoEvaluator.
     """
 
-    def __init__(self, evaluator: CocoEvaluator, stats: dict[str, dict[str, float]], seconds: float,
-                 num_images: int) -> None:
+    def __init__(
+        self,
+        evaluator: CocoEvaluator,
+        stats: dict[str, dict[str, float]],
+        seconds: float,
+        num_images: int,
+    ) -> None:
         self.evaluator = evaluator
         self.coco_eval = evaluator.coco_eval
         self.stats = stats

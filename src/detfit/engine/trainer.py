@@ -57,6 +57,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+
+
 def flatten_metrics(stats: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{iou}_{name}": value for iou, s in stats.items() for name, value in s.items()}
 
@@ -98,8 +110,11 @@ def fit(
         info = ckpt["model_info"]
     else:
         model = build_model(
-            cfg.model, len(data.classes), weights=cfg.weights,
-            weights_backbone=cfg.weights_backbone, **cfg.model_options,
+            cfg.model,
+            len(data.classes),
+            weights=cfg.weights,
+            weights_backbone=cfg.weights_backbone,
+            **cfg.model_options,
         )
         info = model_info(cfg.model, len(data.classes), data.classes, cfg.model_options, model)
     model.to(device)
@@ -133,8 +148,16 @@ def fit(
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         train_stats = train_one_epoch(
-            model, optimizer, train_loader, device, epoch, cfg.print_freq, scaler,
-            lr_scheduler=scheduler, clip_grad_norm=cfg.clip_grad_norm, progress=progress,
+            model,
+            optimizer,
+            train_loader,
+            device,
+            epoch,
+            cfg.print_freq,
+            scaler,
+            lr_scheduler=scheduler,
+            clip_grad_norm=cfg.clip_grad_norm,
+            progress=progress,
         )
         result = evaluate(
             model, test_loader, device, classes=data.classes, progress=progress, verbose=False
@@ -145,6 +168,7 @@ def fit(
             **{f"train_{k}": v for k, v in train_stats.items()},
             "eval_seconds": result.seconds,
             "eval_seconds_per_image": result.seconds / max(result.num_images, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             **flatten_metrics(result.stats),
         }
         history.append(row)
@@ -167,7 +191,9 @@ def fit(
         if row[metric_key] > best:
             best = row[metric_key]
             save_checkpoint(run_dir / "best.pt", checkpoint)
-        aps = " ".join(f"{t} AP {s['AP']:.3f} (AP50 {s['AP50']:.3f})" for t, s in result.stats.items())
+        aps = " ".join(
+            f"{t} AP {s['AP']:.3f} (AP50 {s['AP50']:.3f})" for t, s in result.stats.items()
+        )
         log(
             f"epoch {epoch + 1}/{cfg.epochs}: loss {train_stats.get('loss', float('nan')):.3f} | "
             f"{aps} | {row['minutes']:.1f} min"

@@ -6,6 +6,7 @@ derives its feature levels, anchor sizes and RoI pooler from the backbone's actu
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.ops.poolers import initLevelMapper
 
 from detfit.models.weights import ensure_cached, load_state_dict_file, resolve_weights
 
@@ -99,7 +101,9 @@ def mobilenet_v2_fpn_backbone(
         trainable_layers = 3 if pretrained else len(starts)
     if not 0 <= trainable_layers <= len(starts):
         raise ValueError(f"trainable_layers must be in [0, {len(starts)}], got {trainable_layers}")
-    freeze_before = len(features) if trainable_layers == 0 else starts[len(starts) - trainable_layers]
+    freeze_before = (
+        len(features) if trainable_layers == 0 else starts[len(starts) - trainable_layers]
+    )
     for block in features[:freeze_before]:
         block.requires_grad_(False)
 
@@ -114,6 +118,25 @@ def mobilenet_v2_fpn_backbone(
     return backbone, strides + [strides[-1] * 2]
 
 
+def fixed_scale_pooler(
+    names: list[str], output_size: int, strides: list[int]
+) -> MultiScaleRoIAlign:
+    """A MultiScaleRoIAlign whose level scales are the known strides.
+
+    Left alone, torchvision infers them from the first batch, rounding feature/image size ratios;
+    padding makes that guess wrong for small images, and then a rebuilt model differs.
+    """
+    pooler = MultiScaleRoIAlign(featmap_names=names, output_size=output_size, sampling_ratio=2)
+    pooler.scales = [1.0 / s for s in strides]
+    pooler.map_levels = initLevelMapper(
+        int(math.log2(strides[0])),
+        int(math.log2(strides[-1])),
+        canonical_scale=pooler.canonical_scale,
+        canonical_level=pooler.canonical_level,
+    )
+    return pooler
+
+
 def maskrcnn_mobilenet_v2_fpn(
     num_classes: int,
     *,
@@ -122,6 +145,7 @@ def maskrcnn_mobilenet_v2_fpn(
     num_levels: int = 3,
     fpn_channels: int = 256,
     mask_head_channels: int = 256,
+    mask_head_norm: bool = False,
     with_masks: bool = True,
     **options: Any,
 ) -> FasterRCNN:
@@ -141,14 +165,16 @@ def maskrcnn_mobilenet_v2_fpn(
         aspect_ratios=(ASPECT_RATIOS,) * len(strides),
     )
     names = [str(k) for k in range(num_levels)]
-    box_pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    box_pool = fixed_scale_pooler(names, 7, strides[:num_levels])
     if not with_masks:
         return FasterRCNN(
             backbone, num_classes, rpn_anchor_generator=anchors, box_roi_pool=box_pool, **options
         )
-    mask_pool = MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2)
+    mask_pool = fixed_scale_pooler(names, 14, strides[:num_levels])
     representation = 1024
-    mask_head = MaskRCNNHeads(fpn_channels, (mask_head_channels,) * 4, 1)
+    # BatchNorm in the from-scratch mask head (as torchvision's v2 models do) speeds its start.
+    norm = nn.BatchNorm2d if mask_head_norm else None
+    mask_head = MaskRCNNHeads(fpn_channels, (mask_head_channels,) * 4, 1, norm_layer=norm)
     mask_predictor = MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes)
     return MaskRCNN(
         backbone,

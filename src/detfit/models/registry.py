@@ -51,29 +51,58 @@ def register(spec: ModelSpec) -> ModelSpec:
 def _situation_a(name: str, builder, weights_enum, has_masks: bool, description: str) -> None:
     def build(num_classes: int, *, weights=None, weights_backbone=None, **options) -> nn.Module:
         return build_pretrained_rcnn(
-            builder, weights_enum, ResNet50_Weights, num_classes,
-            weights=weights, weights_backbone=weights_backbone, has_masks=has_masks, **options,
+            builder,
+            weights_enum,
+            ResNet50_Weights,
+            num_classes,
+            weights=weights,
+            weights_backbone=weights_backbone,
+            has_masks=has_masks,
+            **options,
         )
 
-    register(ModelSpec(
-        name=name, build=build, has_masks=has_masks, description=description,
-        weights_enum=weights_enum, backbone_enum=ResNet50_Weights,
-        default_weights="DEFAULT", default_weights_backbone=None,
-    ))
+    register(
+        ModelSpec(
+            name=name,
+            build=build,
+            has_masks=has_masks,
+            description=description,
+            weights_enum=weights_enum,
+            backbone_enum=ResNet50_Weights,
+            default_weights="DEFAULT",
+            default_weights_backbone=None,
+        )
+    )
 
 
-_situation_a("maskrcnn_resnet50_fpn", tvd.maskrcnn_resnet50_fpn,
-             tvd.MaskRCNN_ResNet50_FPN_Weights, True,
-             "Mask R-CNN ResNet-50-FPN (the tutorial's model), COCO weights")
-_situation_a("maskrcnn_resnet50_fpn_v2", tvd.maskrcnn_resnet50_fpn_v2,
-             tvd.MaskRCNN_ResNet50_FPN_V2_Weights, True,
-             "Mask R-CNN ResNet-50-FPN v2 (improved recipe), COCO weights")
-_situation_a("fasterrcnn_resnet50_fpn", tvd.fasterrcnn_resnet50_fpn,
-             tvd.FasterRCNN_ResNet50_FPN_Weights, False,
-             "Faster R-CNN ResNet-50-FPN, COCO weights")
-_situation_a("fasterrcnn_resnet50_fpn_v2", tvd.fasterrcnn_resnet50_fpn_v2,
-             tvd.FasterRCNN_ResNet50_FPN_V2_Weights, False,
-             "Faster R-CNN ResNet-50-FPN v2 (improved recipe), COCO weights")
+_situation_a(
+    "maskrcnn_resnet50_fpn",
+    tvd.maskrcnn_resnet50_fpn,
+    tvd.MaskRCNN_ResNet50_FPN_Weights,
+    True,
+    "Mask R-CNN ResNet-50-FPN (the tutorial's model), COCO weights",
+)
+_situation_a(
+    "maskrcnn_resnet50_fpn_v2",
+    tvd.maskrcnn_resnet50_fpn_v2,
+    tvd.MaskRCNN_ResNet50_FPN_V2_Weights,
+    True,
+    "Mask R-CNN ResNet-50-FPN v2 (improved recipe), COCO weights",
+)
+_situation_a(
+    "fasterrcnn_resnet50_fpn",
+    tvd.fasterrcnn_resnet50_fpn,
+    tvd.FasterRCNN_ResNet50_FPN_Weights,
+    False,
+    "Faster R-CNN ResNet-50-FPN, COCO weights",
+)
+_situation_a(
+    "fasterrcnn_resnet50_fpn_v2",
+    tvd.fasterrcnn_resnet50_fpn_v2,
+    tvd.FasterRCNN_ResNet50_FPN_V2_Weights,
+    False,
+    "Faster R-CNN ResNet-50-FPN v2 (improved recipe), COCO weights",
+)
 
 
 def _situation_b(name: str, fn, has_masks: bool, description: str, **defaults) -> None:
@@ -84,20 +113,38 @@ def _situation_b(name: str, fn, has_masks: bool, description: str, **defaults) -
             )
         return fn(num_classes, weights_backbone=weights_backbone, **options)
 
-    register(ModelSpec(
-        name=name, build=build, has_masks=has_masks, description=description,
-        backbone_enum=MobileNet_V2_Weights, default_weights=None,
-        default_weights_backbone="IMAGENET1K_V1", defaults=defaults,
-    ))
+    register(
+        ModelSpec(
+            name=name,
+            build=build,
+            has_masks=has_masks,
+            description=description,
+            backbone_enum=MobileNet_V2_Weights,
+            default_weights=None,
+            default_weights_backbone="IMAGENET1K_V1",
+            defaults=defaults,
+        )
+    )
 
 
-_situation_b("fasterrcnn_mobilenet_v2", mobilenet.fasterrcnn_mobilenet_v2, False,
-             "the seed's situation B: Faster R-CNN on MobileNetV2 features (one 1280-ch map)")
-_situation_b("maskrcnn_mobilenet_v2_fpn", mobilenet.maskrcnn_mobilenet_v2_fpn, True,
-             "Mask R-CNN on an ImageNet MobileNetV2-FPN backbone (the CPU recipe's model)")
-_situation_b("fasterrcnn_mobilenet_v2_fpn",
-             partial(mobilenet.maskrcnn_mobilenet_v2_fpn, with_masks=False), False,
-             "Faster R-CNN on an ImageNet MobileNetV2-FPN backbone")
+_situation_b(
+    "fasterrcnn_mobilenet_v2",
+    mobilenet.fasterrcnn_mobilenet_v2,
+    False,
+    "the seed's situation B: Faster R-CNN on MobileNetV2 features (one 1280-ch map)",
+)
+_situation_b(
+    "maskrcnn_mobilenet_v2_fpn",
+    mobilenet.maskrcnn_mobilenet_v2_fpn,
+    True,
+    "Mask R-CNN on an ImageNet MobileNetV2-FPN backbone (the CPU recipe's model)",
+)
+_situation_b(
+    "fasterrcnn_mobilenet_v2_fpn",
+    partial(mobilenet.maskrcnn_mobilenet_v2_fpn, with_masks=False),
+    False,
+    "Faster R-CNN on an ImageNet MobileNetV2-FPN backbone",
+)
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -129,7 +176,9 @@ def build_model(
     if weights_backbone == "default":
         weights_backbone = spec.default_weights_backbone
     return spec.build(
-        num_classes, weights=weights, weights_backbone=weights_backbone,
+        num_classes,
+        weights=weights,
+        weights_backbone=weights_backbone,
         **{**spec.defaults, **options},
     )
 
@@ -156,9 +205,15 @@ def rebuild_model(info: dict, state_dict: dict | None = None) -> nn.Module:
     from detfit.models.structure import apply_structure
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "trainable layers has no effect" from scratch
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # "trainable layers has no effect" from scratch
         model = build_model(
-            info["name"], info["num_classes"], weights=None, weights_backbone=None, **info["options"]
+            info["name"],
+            info["num_classes"],
+            weights=None,
+            weights_backbone=None,
+            **info["options"],
         )
     apply_structure(model, info.get("structure", {}))
     if state_dict is not None:

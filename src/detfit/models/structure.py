@@ -10,9 +10,12 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 
-def describe_structure(model: nn.Module) -> dict[str, list[str]]:
+def describe_structure(model: nn.Module) -> dict[str, Any]:
+    frozen_bn = {n: m for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)}
     return {
-        "frozen_bn": [n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)],
+        "frozen_bn": list(frozen_bn),
+        # torchvision sets eps=0 for some weights (COCO_V1 Mask/Faster R-CNN v1); not in state dicts
+        "frozen_bn_eps": {n: float(m.eps) for n, m in frozen_bn.items()},
         "frozen_params": [n for n, p in model.named_parameters() if not p.requires_grad],
     }
 
@@ -36,6 +39,8 @@ def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
         module = getattr(parent, child)
         if isinstance(module, nn.BatchNorm2d):
             setattr(parent, child, _frozen_copy(module))
+    for name, eps in structure.get("frozen_bn_eps", {}).items():
+        model.get_submodule(name).eps = eps
     frozen = set(structure.get("frozen_params", []))
     for name, param in model.named_parameters():
         param.requires_grad_(name not in frozen)

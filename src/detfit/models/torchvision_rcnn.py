@@ -64,7 +64,9 @@ def build_pretrained_rcnn(
             **options,
         )
 
-    kwargs = dict(weights_backbone=None, trainable_backbone_layers=trainable_backbone_layers, **options)
+    kwargs = dict(
+        weights_backbone=None, trainable_backbone_layers=trainable_backbone_layers, **options
+    )
     try:
         if isinstance(spec, Path):
             with _state_from_file(weights_enum, spec):

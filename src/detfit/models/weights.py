@@ -40,7 +40,9 @@ def resolve_weights(spec: Any, enum_cls: type[WeightsEnum] | None) -> WeightsEnu
             raise DetfitError(f"{path}: weights file not found")
         return path
     if enum_cls is None:
-        raise DetfitError(f"weights {spec!r}: this model has no torchvision weights; give a file path")
+        raise DetfitError(
+            f"weights {spec!r}: this model has no torchvision weights; give a file path"
+        )
     name = str(spec).split(".")[-1]
     try:
         return enum_cls[name]

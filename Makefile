@@ -1,0 +1,34 @@
+# One command for the main job, one for the tests; each creates the virtual environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_ROOT ?=
+ARGS ?=
+
+.PHONY: install train test test-fast lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Fine-tune on Penn-Fudan (downloads it; offline: make train DATA_ROOT=/path/to/PennFudanPed)
+train: install
+	$(VENV)/bin/detfit train $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS)
+
+## The whole test suite (real-data tests run when ../shared/data/PennFudanPed exists)
+test: install
+	$(PY) -m pytest -q
+
+## Everything but the slow real-data tests
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
