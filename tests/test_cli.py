@@ -28,12 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two threads on two busy cores thrash; one is several times faster here
-    torch.set_num_threads(1)
-
-
 def invoke(*args) -> str:
     result = runner.invoke(app, [str(a) for a in args], prog_name="detfit", catch_exceptions=False)
     assert result.exit_code == 0, result.output

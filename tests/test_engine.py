@@ -43,12 +43,6 @@ SMALL = {
 LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two threads on two busy cores thrash; one is several times faster here
-    torch.set_num_threads(1)
-
-
 def small_model(name: str = "maskrcnn_mobilenet_v2_fpn") -> nn.Module:
     torch.manual_seed(0)
     return build_model(name, 2, weights=None, weights_backbone=None, **SMALL)

@@ -49,12 +49,6 @@ SITUATION_A = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two threads on two busy cores thrash; one is several times faster here
-    torch.set_num_threads(1)
-
-
 def randomized_state(model: nn.Module, seed: int, drop_batch_counters: bool) -> dict:
     """The model's state dict with every constant-initialised tensor (norm weights, biases,
     running statistics) made random, so that a tensor left at its initial value is noticed."""

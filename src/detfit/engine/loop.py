@@ -61,13 +61,15 @@ def train_one_epoch(
     *,
     lr_scheduler: Any = "reference",
     clip_grad_norm: float | None = None,
+    max_iters: int | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
     """One pass over ``data_loader``; returns the mean of each loss and seconds per iteration.
 
     ``lr_scheduler`` is stepped every iteration. The default, ``"reference"``, reproduces the
-    references: a linear warm-up during epoch 0 only. Non-finite losses skip the step; several in a
-    row stop training with a message instead of training on NaN.
+    references: a linear warm-up during epoch 0 only. ``max_iters`` cuts the epoch short (smoke
+    runs). Non-finite losses skip the step; several in a row stop training with a message
+    instead of training on NaN.
     """
     device = torch.device(device)
     model.train()
@@ -86,6 +88,8 @@ def train_one_epoch(
         leave=True,
     )
     for i, (images, targets) in enumerate(bar):
+        if max_iters is not None and i >= max_iters:
+            break
         images, targets = move_to([_as_float_image(im) for im in images], targets, device)
         with torch.autocast(device_type=device.type, enabled=scaler is not None):
             loss_dict = model(images, targets)
@@ -99,6 +103,8 @@ def train_one_epoch(
                     f"loss is {loss.item()} for {nonfinite} iterations in a row (epoch {epoch}, "
                     f"iteration {i}): lower the learning rate or set clip_grad_norm"
                 )
+            if lr_scheduler is not None:  # keep the per-iteration schedule on the clock
+                lr_scheduler.step()
             continue
         nonfinite = 0
         optimizer.zero_grad(set_to_none=True)

@@ -121,7 +121,8 @@ def fit(
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     train_loader, test_loader = build_loaders(cfg, data, loader_gen)
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    iters_per_epoch = min(len(train_loader), cfg.max_iters_per_epoch or len(train_loader))
+    scheduler = build_scheduler(cfg, optimizer, iters_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
     metric_key = "segm_AP" if "segm" in iou_types_for(model) else "bbox_AP"
 
@@ -142,7 +143,7 @@ def fit(
     cfg.save(run_dir / "config.yaml")
     log(
         f"run folder {run_dir} | model {cfg.model} | {len(data.train)} train / {len(data.test)} "
-        f"test images | {len(train_loader)} iterations per epoch | device {device}"
+        f"test images | {iters_per_epoch} iterations per epoch | device {device}"
     )
 
     t0 = time.perf_counter()

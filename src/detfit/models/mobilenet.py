@@ -23,7 +23,12 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import initLevelMapper
 
-from detfit.models.weights import ensure_cached, load_state_dict_file, resolve_weights
+from detfit.models.weights import (
+    NO_WEIGHTS,
+    ensure_cached,
+    load_state_dict_file,
+    resolve_weights,
+)
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
@@ -85,7 +90,7 @@ def mobilenet_v2_fpn_backbone(
     (torchvision's rule, default 3); an untrained one trains everything with BatchNorm.
     Returns the backbone and the strides of its outputs (the max-pool level included).
     """
-    pretrained = weights_backbone not in (None, "", "none", "None", "null")
+    pretrained = weights_backbone not in NO_WEIGHTS
     features = load_mobilenet_v2(
         weights_backbone, FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     ).features

@@ -17,6 +17,7 @@ from torchvision.models import detection as tvd
 from detfit.errors import DetfitError
 from detfit.models import mobilenet
 from detfit.models.torchvision_rcnn import build_pretrained_rcnn
+from detfit.models.weights import NO_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,10 @@ _situation_a(
 
 def _situation_b(name: str, fn, has_masks: bool, description: str, **defaults) -> None:
     def build(num_classes: int, *, weights=None, weights_backbone="IMAGENET1K_V1", **options):
-        if weights not in (None, "", "none", "None", "null"):
+        if weights not in NO_WEIGHTS:
             raise DetfitError(
-                f"{name}: no full-detector weights exist; use weights_backbone, or --resume/--init"
+                f"{name}: torchvision has no full-detector weights for it; set weights_backbone "
+                "(or --resume a run of it)"
             )
         return fn(num_classes, weights_backbone=weights_backbone, **options)
 
