@@ -429,3 +429,24 @@ def test_rebuild_from_checkpoint_without_weights_file(name, coco_like, mobilenet
     assert set(got) == set(expected)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_situation_a_imagenet_backbone_from_local_file(tmp_path):
+    """weights=None with a local ImageNet ResNet-50 file: the backbone holds exactly its tensors."""
+    resnet = torchvision.models.resnet50(weights=None)
+    for module in resnet.modules():  # non-default BN statistics, so a skipped load would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+    path = tmp_path / "my_resnet50.pth"
+    torch.save(resnet.state_dict(), path)
+    model = build_model(
+        "fasterrcnn_resnet50_fpn", 3, weights=None, weights_backbone=str(path), **TINY
+    )
+    body = model.backbone.body.state_dict()
+    expected = {k: v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    expected = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
+    assert set(body) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(body[key], tensor), key
+    assert not model.backbone.body.conv1.weight.requires_grad  # torchvision's 3 trainable layers
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
