@@ -18,12 +18,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Datasets: download, verify, summarise.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Datasets: check, convert, examples, Penn-Fudan download.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 
 DataRoot = Annotated[
     Path | None,
     typer.Option("--data-root", help="Folder holding PennFudanPed (or PennFudanPed itself)."),
+]
+Dataset = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Dataset: pennfudan, FORMAT:PATH (coco, voc, yolo, masks) or a dataset .yaml; "
+        "see the README.",
+    ),
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")]
 
@@ -54,6 +64,7 @@ def train(
         Path | None, typer.Option(help="YAML file of settings (see config.yaml in a run folder).")
     ] = None,
     data_root: DataRoot = None,
+    data: Dataset = None,
     model: Annotated[
         str | None, typer.Option(help="Architecture; `detfit models` lists them.")
     ] = None,
@@ -78,7 +89,7 @@ def train(
     ] = [],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Fine-tune on Penn-Fudan, with a COCO evaluation (bbox, segm) after every epoch."""
+    """Fine-tune (Penn-Fudan by default, or --data), with a COCO evaluation after every epoch."""
     import torch
 
     from detfit.config import RECIPES, TrainConfig, recipe_config
@@ -98,8 +109,9 @@ def train(
             )
     if recipe not in RECIPES:
         raise DetfitError(f"unknown recipe {recipe!r}; choose auto, {', '.join(RECIPES)}")
-    data = TrainConfig.load(config).to_dict() if config else recipe_config(recipe).to_dict()
+    settings = TrainConfig.load(config).to_dict() if config else recipe_config(recipe).to_dict()
     overrides = dict(
+        dataset=data,
         data_root=str(data_root) if data_root else None,
         model=model,
         weights=weights,
@@ -111,9 +123,9 @@ def train(
         device=device,
         out=str(out) if out else None,
     )
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    _apply_sets(data, set_)
-    cfg = TrainConfig.from_dict(data, "--set")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    _apply_sets(settings, set_)
+    cfg = TrainConfig.from_dict(settings, "--set")
     run_dir = fit(cfg, progress=not quiet)
     typer.echo(f"done: {run_dir} (best.pt, last.pt, metrics.csv, config.yaml)")
 
@@ -122,6 +134,10 @@ def train(
 def eval_(
     checkpoint: Annotated[Path, typer.Argument(help="A .pt checkpoint or a run folder.")],
     data_root: DataRoot = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Evaluate on this dataset instead of the run's test split."),
+    ] = None,
     device: Device = "auto",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the stats here.")
@@ -140,11 +156,19 @@ def eval_(
     cfg = TrainConfig.from_dict(ckpt["config"], str(checkpoint))
     if data_root:
         cfg.data_root = str(data_root)
-    data = build_datasets(cfg)
-    _, test_loader = build_loaders(cfg, data)
+    if data:
+        cfg.dataset = data
+    datasets = build_datasets(cfg)
+    classes = ckpt["model_info"].get("classes")
+    if classes and datasets.classes != classes:
+        raise DetfitError(
+            f"{cfg.dataset}: classes {datasets.classes[1:]} differ from the checkpoint's "
+            f"{classes[1:]}"
+        )
+    _, test_loader = build_loaders(cfg, datasets)
     dev = resolve_device(device)
     model = rebuild_model(ckpt["model_info"], ckpt["model"]).to(dev)
-    result = evaluate(model, test_loader, dev, classes=data.classes, verbose=True)
+    result = evaluate(model, test_loader, dev, classes=datasets.classes, verbose=True)
     typer.echo(json.dumps(result.stats, indent=2))
     if json_out:
         atomic_write_text(json_out, json.dumps(result.stats, indent=2))
@@ -184,6 +208,78 @@ def data_pennfudan(
     typer.echo(f"Penn-Fudan at {root}: verified")
     for key, value in summary.items():
         typer.echo(f"  {key}: {value}")
+
+
+DatasetArg = Annotated[
+    str, typer.Argument(help="pennfudan, FORMAT:PATH (coco, voc, yolo, masks) or a .yaml file.")
+]
+
+
+@data_app.command("check")
+def data_check(
+    dataset: DatasetArg,
+    images: Annotated[
+        bool, typer.Option(help="Open every image header (size, mode, EXIF); --no-images is fast.")
+    ] = True,
+) -> None:
+    """Counts per class, sizes, and every problem with its file; exit 1 if training would fail."""
+    from tqdm.auto import tqdm
+
+    from detfit.data import DatasetSpec, check, summary
+
+    spec = DatasetSpec.parse(dataset)
+    splits = [s for s in ("train", "val", "test") if getattr(spec, s) is not None]
+    classes = None
+    fatal = repaired = 0
+    for split in splits:
+        annotations = spec.read(split, classes)
+        classes = classes or annotations.classes
+        typer.echo(f"[{split}] " + "\n".join(summary(annotations)))
+        problems = check(annotations, images, lambda it: tqdm(it, desc="checking", leave=False))
+        for problem in problems:
+            typer.echo(f"  {problem}")
+        fatal += sum(p.fatal for p in problems)
+        repaired += sum(not p.fatal for p in problems)
+    typer.echo(
+        f"{fatal} error(s) that stop training, {repaired} warning(s) repaired when training reads "
+        "the data"
+    )
+    if fatal:
+        raise typer.Exit(1)
+
+
+@data_app.command("convert")
+def data_convert(
+    dataset: DatasetArg,
+    out: Annotated[Path, typer.Argument(help="Output file, e.g. instances.json.")],
+    to: Annotated[str, typer.Option(help="Output format (coco).")] = "coco",
+    split: Annotated[str, typer.Option(help="Which split to write: train, val or test.")] = "train",
+) -> None:
+    """Write a dataset as a COCO instances file that pycocotools loads."""
+    from detfit.data import DatasetSpec, write_coco
+
+    if to != "coco":
+        raise DetfitError(f"--to {to}: only coco is supported as an output format")
+    spec = DatasetSpec.parse(dataset)
+    classes = spec.read("train").classes if split != "train" else None
+    written = write_coco(spec.read(split, classes), out)
+    typer.echo(
+        f"wrote {out}: {len(written['images'])} images, {len(written['annotations'])} "
+        f"annotations, {len(written['categories'])} categories"
+    )
+
+
+@data_app.command("example")
+def data_example(
+    out: Annotated[Path, typer.Argument(help="Folder to write the examples into.")],
+    images: Annotated[int, typer.Option(help="Number of images.")] = 24,
+) -> None:
+    """Write one small synthetic 3-class dataset in every format (COCO, VOC, YOLO, YOLO-seg, masks)."""
+    from detfit.data.synthetic import write_all_formats
+
+    for name, path in write_all_formats(out, num_images=images).items():
+        fmt = name.removesuffix("-seg")
+        typer.echo(f"{name:9s} detfit data check {fmt}:{path}")
 
 
 @app.command()

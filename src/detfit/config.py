@@ -43,6 +43,7 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=lambda: [8, 11])
     lr_gamma: float = 0.1
     clip_grad_norm: float | None = None
+    ema_decay: float | None = None  # evaluate a moving average of the weights (e.g. 0.99)
     amp: bool = False
     # running
     device: str = "auto"

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image, encode_png
+from torchvision.io import encode_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from detfit.data.images import load_rgb
 from detfit.engine.checkpoint import load_checkpoint
 from detfit.engine.trainer import resolve_device
 from detfit.errors import DetfitError
@@ -26,18 +27,6 @@ def load_model(checkpoint: str | Path, device: str = "auto") -> tuple[nn.Module,
     model = rebuild_model(ckpt["model_info"], ckpt["model"])
     model.to(resolve_device(device)).eval()
     return model, ckpt["model_info"]
-
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """uint8 RGB [3,H,W]; EXIF orientation applied; one-line error naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise DetfitError(f"{path}: image not found")
-    try:
-        return decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DetfitError(f"{path}: cannot decode image ({first})") from None
 
 
 def class_name(classes: Sequence[str] | None, label: int) -> str:
@@ -84,8 +73,11 @@ def prediction_record(
     prediction: dict[str, torch.Tensor],
     classes: Sequence[str] | None,
     mask_threshold: float = 0.5,
+    category_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """JSON-ready detections: class, score, xyxy box, and the mask as COCO RLE."""
+    """JSON-ready detections: class, score, xyxy box, and the mask as COCO RLE.
+
+    ``category_id`` is the id of the training data's own file (COCO ids need not be 1..K)."""
     rles = encode_masks(prediction["masks"] > mask_threshold) if "masks" in prediction else []
     detections = []
     for k, (label, score, box) in enumerate(
@@ -98,11 +90,16 @@ def prediction_record(
         det = {
             "label": label,
             "class": class_name(classes, label),
+            "category_id": category_ids[label] if category_ids else label,
             "score": round(score, 4),
             "box_xyxy": [round(v, 2) for v in box],
         }
         if rles:
             det["mask_rle"] = rles[k]
+        if "keypoints" in prediction:
+            det["keypoints"] = [
+                round(v, 2) for v in prediction["keypoints"][k].reshape(-1).tolist()
+            ]
         detections.append(det)
     return {
         "image": str(path),
@@ -128,7 +125,7 @@ def predict_files(
     if len(set(stems)) != len(stems):
         dup = next(s for s in stems if stems.count(s) > 1)
         raise DetfitError(f"two input images are named {dup!r}: their outputs would collide")
-    decoded = [read_image(p) for p in paths]
+    decoded = [load_rgb(p) for p in paths]
     model, info = load_model(checkpoint, device)
     classes = info.get("classes")
     out_dir = Path(out_dir)
@@ -139,7 +136,9 @@ def predict_files(
         overlay = draw_prediction(image, prediction, classes)
         png = encode_png(overlay).numpy().tobytes()
         atomic_write(out_dir / f"{path.stem}.png", lambda f, data=png: f.write(data))
-        record = prediction_record(path, image, prediction, classes)
+        record = prediction_record(
+            path, image, prediction, classes, category_ids=info.get("category_ids")
+        )
         atomic_write_text(out_dir / f"{path.stem}.json", json.dumps(record, indent=2))
         written += [out_dir / f"{path.stem}.png", out_dir / f"{path.stem}.json"]
     return written

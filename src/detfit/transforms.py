@@ -11,40 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
-from detfit.data.transforms import per_instance_tensors
-
-
-def _as_tv_tensors(image: Any, target: dict[str, Any] | None):
-    if isinstance(image, torch.Tensor) and not isinstance(image, tv_tensors.TVTensor):
-        image = tv_tensors.Image(image)
-    if target is None:
-        return image, None, None
-    target = dict(target)
-    canvas = tuple(F.get_size(image))
-    boxes = target.get("boxes")
-    if isinstance(boxes, torch.Tensor) and not isinstance(boxes, tv_tensors.BoundingBoxes):
-        target["boxes"] = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=canvas)
-    masks = target.get("masks")
-    if isinstance(masks, torch.Tensor) and not isinstance(masks, tv_tensors.Mask):
-        target["masks"] = tv_tensors.Mask(masks)
-    visibility = None
-    keypoints = target.get("keypoints")
-    if isinstance(keypoints, torch.Tensor) and not isinstance(keypoints, tv_tensors.TVTensor):
-        visibility = keypoints[..., 2:]
-        target["keypoints"] = tv_tensors.KeyPoints(keypoints[..., :2], canvas_size=canvas)
-    return image, target, visibility
-
-
-def _restore(target: dict[str, Any] | None, visibility: torch.Tensor | None):
-    if target is not None and visibility is not None:
-        target["keypoints"] = torch.cat(
-            [target["keypoints"].as_subclass(torch.Tensor), visibility], -1
-        )
-    return target
+from detfit.data.transforms import per_instance_tensors, restore_keypoints, to_tv_tensors
 
 
 class _V2Adapter:
@@ -56,11 +25,11 @@ class _V2Adapter:
         self.transform = self.v2_class(*args, **kwargs)
 
     def __call__(self, image: Any, target: dict[str, Any] | None = None):
-        image, wrapped, visibility = _as_tv_tensors(image, target)
+        image, wrapped, visibility = to_tv_tensors(image, target)
         if wrapped is None:
             return self.transform(image), None
         image, wrapped = self.transform(image, wrapped)
-        return image, _restore(wrapped, visibility)
+        return image, restore_keypoints(wrapped, visibility)
 
     def __repr__(self) -> str:
         return f"T.{type(self).__name__}({self.transform!r})"

@@ -7,6 +7,9 @@ from detfit.data.batching import (
     split_dataset,
     split_indices,
 )
+from detfit.data.detection import DetectionDataset
+from detfit.data.doctor import check, summary, validate
+from detfit.data.export import write_coco
 from detfit.data.pennfudan import (
     PENNFUDAN_CLASSES,
     PennFudanDataset,
@@ -14,10 +17,22 @@ from detfit.data.pennfudan import (
     resolve_pennfudan,
     verify_pennfudan,
 )
+from detfit.data.records import AnnotatedSet, ImageRecord, Instance, Problem
+from detfit.data.spec import DatasetSpec
 from detfit.data.transforms import eval_transforms, train_transforms
 
 __all__ = [
     "PENNFUDAN_CLASSES",
+    "AnnotatedSet",
+    "DatasetSpec",
+    "DetectionDataset",
+    "ImageRecord",
+    "Instance",
+    "Problem",
+    "check",
+    "summary",
+    "validate",
+    "write_coco",
     "GroupedBatchSampler",
     "PennFudanDataset",
     "aspect_ratio_groups",

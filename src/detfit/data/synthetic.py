@@ -42,3 +42,129 @@ def make_pennfudan(
         Image.fromarray(image).save(out / "PNGImages" / f"{name}.png")
         Image.fromarray(mask).save(out / "PedMasks" / f"{name}_mask.png")
     return out
+
+
+SYNTHETIC_CLASSES = ("cat", "dog", "bird")
+COCO_CATEGORY_IDS = (7, 3, 12)  # deliberately neither contiguous nor sorted by name
+
+
+def synthetic_objects(num_images: int, size: tuple[int, int], seed: int) -> list[dict]:
+    """Per image: height, width and objects (label 1..3, polygon in pixels) side by side,
+    never overlapping, so instance-id masks can hold them all."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(num_images):
+        h = size[0] + int(rng.integers(0, size[0] // 4 + 1))
+        w = size[1] + int(rng.integers(0, size[1] // 4 + 1))
+        n = int(rng.integers(1, 4)) if i % 4 != 3 else 0  # every 4th image is a negative
+        slot = w / 3
+        objects = []
+        for k in range(n):
+            x0 = k * slot + float(rng.uniform(1, slot * 0.2))
+            x1 = (k + 1) * slot - float(rng.uniform(1, slot * 0.2))
+            y0 = float(rng.uniform(1, h * 0.3))
+            y1 = float(rng.uniform(h * 0.6, h - 1))
+            xm = (x0 + x1) / 2
+            if rng.random() < 0.5:  # a pentagon (house shape) or a rectangle
+                polygon = [x0, y1, x0, (y0 + y1) / 2, xm, y0, x1, (y0 + y1) / 2, x1, y1]
+            else:
+                polygon = [x0, y0, x1, y0, x1, y1, x0, y1]
+            label = int(rng.integers(1, len(SYNTHETIC_CLASSES) + 1))
+            objects.append({"label": label, "polygon": [float(round(v)) for v in polygon]})
+        images.append({"name": f"img{i:03d}", "height": h, "width": w, "objects": objects})
+    return images
+
+
+def write_all_formats(
+    root: str | Path, num_images: int = 8, size: tuple[int, int] = (64, 96), seed: int = 0
+) -> dict[str, Path]:
+    """The same synthetic annotations in every format detfit reads; returns format -> spec path.
+
+    ``coco`` (polygons, ids 7/3/12, image ids from 0), ``voc`` (boxes), ``yolo`` (boxes),
+    ``yolo-seg`` (polygons) and ``masks`` (instance-id PNGs plus a class map per mask).
+    """
+    import json
+
+    import pycocotools.mask as mask_util
+
+    root = Path(root)
+    rng = np.random.default_rng(seed + 1)
+    images = synthetic_objects(num_images, size, seed)
+    dirs = {
+        "coco": root / "coco" / "images",
+        "voc": root / "voc" / "JPEGImages",
+        "yolo": root / "yolo" / "images" / "train",
+        "yolo-seg": root / "yolo-seg" / "images" / "train",
+        "masks": root / "masks" / "images",
+    }
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    for d in ("voc/Annotations", "yolo/labels/train", "yolo-seg/labels/train", "masks/masks"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    coco: dict = {"images": [], "annotations": [], "categories": []}
+    coco["categories"] = [
+        {"id": cid, "name": name} for cid, name in zip(COCO_CATEGORY_IDS, SYNTHETIC_CLASSES)
+    ]
+    for image_id, img in enumerate(images):
+        h, w, name = img["height"], img["width"], img["name"]
+        pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+        ids = np.zeros((h, w), np.uint8)
+        for k, obj in enumerate(img["objects"], 1):
+            rle = mask_util.frPyObjects([obj["polygon"]], h, w)
+            mask = mask_util.decode(mask_util.merge(rle)).astype(bool)
+            ids[mask] = k
+            pixels[mask] = (60 + 60 * obj["label"], 255 - 50 * obj["label"], 40 * k)
+        for d in dirs.values():
+            Image.fromarray(pixels).save(d / f"{name}.png")
+        Image.fromarray(ids).save(root / "masks" / "masks" / f"{name}.png")
+        class_map = {
+            str(k): SYNTHETIC_CLASSES[o["label"] - 1] for k, o in enumerate(img["objects"], 1)
+        }
+        (root / "masks" / "masks" / f"{name}.json").write_text(json.dumps(class_map))
+        coco["images"].append({"id": image_id, "file_name": f"{name}.png", "width": w, "height": h})
+        voc_objects, yolo_lines, seg_lines = [], [], []
+        for obj in img["objects"]:
+            xs, ys = obj["polygon"][0::2], obj["polygon"][1::2]
+            x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
+            coco["annotations"].append(
+                {
+                    "id": 100 + len(coco["annotations"]),
+                    "image_id": image_id,
+                    "category_id": COCO_CATEGORY_IDS[obj["label"] - 1],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "segmentation": [obj["polygon"]],
+                    "iscrowd": 0,
+                }
+            )
+            voc_objects.append(
+                f"<object><name>{SYNTHETIC_CLASSES[obj['label'] - 1]}</name><difficult>0</difficult>"
+                f"<bndbox><xmin>{x1 + 1:g}</xmin><ymin>{y1 + 1:g}</ymin><xmax>{x2:g}</xmax>"
+                f"<ymax>{y2:g}</ymax></bndbox></object>"
+            )
+            cls = obj["label"] - 1
+            yolo_lines.append(
+                f"{cls} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
+                f"{(y2 - y1) / h:.6f}"
+            )
+            coords = " ".join(f"{x / w:.6f} {y / h:.6f}" for x, y in zip(xs, ys))
+            seg_lines.append(f"{cls} {coords}")
+        (root / "voc" / "Annotations" / f"{name}.xml").write_text(
+            f"<annotation><filename>{name}.png</filename><size><width>{w}</width>"
+            f"<height>{h}</height><depth>3</depth></size>{''.join(voc_objects)}</annotation>"
+        )
+        for fmt, lines in (("yolo", yolo_lines), ("yolo-seg", seg_lines)):
+            (root / fmt / "labels" / "train" / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    (root / "coco" / "annotations.json").write_text(json.dumps(coco))
+    for fmt in ("yolo", "yolo-seg"):
+        (root / fmt / "data.yaml").write_text(
+            "path: .\ntrain: images/train\nnames:\n"
+            + "".join(f"  {i}: {n}\n" for i, n in enumerate(SYNTHETIC_CLASSES))
+        )
+    return {
+        "coco": root / "coco" / "annotations.json",
+        "voc": root / "voc",
+        "yolo": root / "yolo" / "data.yaml",
+        "yolo-seg": root / "yolo-seg" / "data.yaml",
+        "masks": root / "masks",
+    }

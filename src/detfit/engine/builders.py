@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,8 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 
 from detfit.config import TrainConfig
 from detfit.data import (
+    DatasetSpec,
+    DetectionDataset,
     GroupedBatchSampler,
     PennFudanDataset,
     aspect_ratio_groups,
@@ -19,6 +22,7 @@ from detfit.data import (
     resolve_pennfudan,
     split_dataset,
     train_transforms,
+    validate,
 )
 from detfit.errors import DetfitError
 
@@ -28,18 +32,54 @@ class Datasets:
     train: Dataset
     test: Dataset
     classes: list[str]
+    category_ids: list[int] | None = None  # the source's category id per label
+    has_masks: bool = True
+    keypoint_names: list[str] | None = None
 
 
-def build_datasets(cfg: TrainConfig, download: bool = True) -> Datasets:
-    """The configured dataset, split into train/test with the seeded tutorial split."""
-    if cfg.dataset != "pennfudan":
-        raise DetfitError(f"unknown dataset {cfg.dataset!r}; available: pennfudan")
-    root = resolve_pennfudan(cfg.data_root, download=download)
+def build_datasets(
+    cfg: TrainConfig, download: bool = True, log: Callable[[str], None] = print
+) -> Datasets:
+    """The configured dataset, checked, with its held-out split (a given val split, or the seeded
+    tutorial split). Fatal annotation problems stop here with one line naming the file."""
+    spec = DatasetSpec.parse(cfg.dataset)
     train_tf = train_transforms(hflip_prob=cfg.hflip_prob, photometric=cfg.photometric)
-    train_full = PennFudanDataset(root, train_tf)
-    test_full = PennFudanDataset(root, eval_transforms())
-    train, test = split_dataset(train_full, test_full, cfg.num_test, cfg.split_seed)
-    return Datasets(train, test, list(PennFudanDataset.classes))
+    if spec.format == "pennfudan":
+        given = str(spec.train.path) if str(spec.train.path) != "." else None
+        root = resolve_pennfudan(given or cfg.data_root, download=download)
+        train_full = PennFudanDataset(root, train_tf)
+        test_full = PennFudanDataset(root, eval_transforms())
+        train, test = split_dataset(train_full, test_full, cfg.num_test, cfg.split_seed)
+        return Datasets(train, test, list(PennFudanDataset.classes))
+
+    train_set = spec.read("train")
+    eval_set = spec.read("val", train_set.classes) if spec.val is not None else None
+    validate([train_set] + ([eval_set] if eval_set else []), spec.text, log)
+    if eval_set is not None:
+        train = DetectionDataset(train_set, train_tf, train=True)
+        test = DetectionDataset(eval_set, eval_transforms())
+    else:
+        n = len(train_set.images)
+        num_test = cfg.num_test
+        if num_test >= n:
+            num_test = max(1, n // 5)
+            log(
+                f"{spec.text}: {n} images, fewer than num_test={cfg.num_test}; holding out {num_test}"
+            )
+        train, test = split_dataset(
+            DetectionDataset(train_set, train_tf, train=True),
+            DetectionDataset(train_set, eval_transforms()),
+            num_test,
+            cfg.split_seed,
+        )
+    return Datasets(
+        train,
+        test,
+        train_set.classes,
+        train_set.category_ids,
+        train_set.has_masks and (eval_set is None or eval_set.has_masks),
+        train_set.keypoint_names,
+    )
 
 
 def build_loaders(cfg: TrainConfig, data: Datasets, generator: torch.Generator | None = None):

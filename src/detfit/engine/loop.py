@@ -63,13 +63,14 @@ def train_one_epoch(
     clip_grad_norm: float | None = None,
     max_iters: int | None = None,
     progress: bool = True,
+    ema: Any = None,
 ) -> dict[str, float]:
     """One pass over ``data_loader``; returns the mean of each loss and seconds per iteration.
 
     ``lr_scheduler`` is stepped every iteration. The default, ``"reference"``, reproduces the
     references: a linear warm-up during epoch 0 only. ``max_iters`` cuts the epoch short (smoke
-    runs). Non-finite losses skip the step; several in a row stop training with a message
-    instead of training on NaN.
+    runs). ``ema`` (an ``AveragedModel``) is updated after every step. Non-finite losses skip
+    the step; several in a row stop training with a message instead of training on NaN.
     """
     device = torch.device(device)
     model.train()
@@ -120,6 +121,8 @@ def train_one_epoch(
             if clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if lr_scheduler is not None:
             lr_scheduler.step()
         steps += 1
@@ -170,6 +173,7 @@ class EvaluationResult:
         self.evaluator = evaluator
         self.coco_eval = evaluator.coco_eval
         self.stats = stats
+        self.per_class = evaluator.per_class
         self.seconds = seconds
         self.num_images = num_images
 

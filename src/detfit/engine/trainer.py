@@ -30,7 +30,9 @@ from detfit.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from detfit.engine.ema import ema_model
 from detfit.engine.loop import evaluate, iou_types_for, train_one_epoch
+from detfit.errors import DetfitError
 from detfit.fileio import atomic_write_text
 from detfit.models import build_model, model_info, rebuild_model
 from detfit.paths import DEFAULT_RUNS_DIR
@@ -73,6 +75,11 @@ def flatten_metrics(stats: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{iou}_{name}": value for iou, s in stats.items() for name, value in s.items()}
 
 
+def flatten_per_class(per_class: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``bbox_AP/<class>``: per-class AP (IoU 0.50:0.95), -1 where a class has no ground truth."""
+    return {f"{iou}_AP/{name}": ap for iou, aps in per_class.items() for name, ap in aps.items()}
+
+
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=2))
     fields = list(dict.fromkeys(k for row in history for k in row))
@@ -104,9 +111,10 @@ def fit(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    data = build_datasets(cfg)
+    data = build_datasets(cfg, log=log)
     if ckpt:
-        model = rebuild_model(ckpt["model_info"], ckpt["model"])
+        # with EMA, "model" holds the averaged (evaluated) weights and "train_model" the raw ones
+        model = rebuild_model(ckpt["model_info"], ckpt.get("train_model") or ckpt["model"])
         info = ckpt["model_info"]
     else:
         model = build_model(
@@ -117,7 +125,15 @@ def fit(
             **cfg.model_options,
         )
         info = model_info(cfg.model, len(data.classes), data.classes, cfg.model_options, model)
+        info["category_ids"] = data.category_ids
+    if "segm" in iou_types_for(model) and not data.has_masks:
+        raise DetfitError(
+            f"{cfg.dataset}: not every object has a mask, so {cfg.model} cannot train on it; "
+            "choose a detection model (detfit models)"
+        )
     model.to(device)
+    ema = ema_model(model, cfg.ema_decay) if cfg.ema_decay else None
+    eval_model = ema.module if ema is not None else model
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     train_loader, test_loader = build_loaders(cfg, data, loader_gen)
     optimizer = build_optimizer(cfg, model)
@@ -138,6 +154,9 @@ def fit(
         history = list(ckpt["history"])
         best = ckpt["best"]
         minutes_before = history[-1]["minutes"] if history else 0.0
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["model"])
+            ema.n_averaged.fill_(ckpt["ema_updates"])
         log(f"resuming {run_dir} at epoch {start_epoch}")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
@@ -159,9 +178,10 @@ def fit(
             lr_scheduler=scheduler,
             clip_grad_norm=cfg.clip_grad_norm,
             progress=progress,
+            ema=ema,
         )
         result = evaluate(
-            model, test_loader, device, classes=data.classes, progress=progress, verbose=False
+            eval_model, test_loader, device, classes=data.classes, progress=progress, verbose=False
         )
         row = {
             "epoch": epoch,
@@ -171,11 +191,12 @@ def fit(
             "eval_seconds_per_image": result.seconds / max(result.num_images, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             **flatten_metrics(result.stats),
+            **flatten_per_class(result.per_class),
         }
         history.append(row)
         write_metrics(run_dir, history)
         checkpoint = {
-            "model": model.state_dict(),
+            "model": eval_model.state_dict(),
             "model_info": info,
             "config": cfg.to_dict(),
             "epoch": epoch,
@@ -188,6 +209,8 @@ def fit(
             "best": max(best, row[metric_key]),
             "metric_key": metric_key,
         }
+        if ema is not None:
+            checkpoint.update(train_model=model.state_dict(), ema_updates=int(ema.n_averaged))
         save_checkpoint(run_dir / "last.pt", checkpoint)
         if row[metric_key] > best:
             best = row[metric_key]

@@ -97,12 +97,23 @@ def outputs_to_coco(
         if not scores:
             return []
         geometry = [{"segmentation": r} for r in encode_masks(output["masks"] > mask_threshold)]
+    elif iou_type == "keypoints":
+        keypoints = output["keypoints"].detach().cpu().to(torch.float64)
+        geometry = [{"keypoints": k.reshape(-1).tolist()} for k in keypoints]
     else:
         raise ValueError(f"unsupported iou_type {iou_type!r}")
     return [
         {"image_id": image_id, "category_id": int(c), "score": float(s), **g}
         for c, s, g in zip(labels, scores, geometry)
     ]
+
+
+def oks_sigmas(annotations: Sequence[dict[str, Any]]) -> np.ndarray:
+    """COCO's per-keypoint OKS sigmas for the 17 COCO person keypoints; for any other skeleton,
+    their mean for every keypoint (pycocotools' default would fail on K != 17)."""
+    coco = COCOeval(iouType="keypoints").params.kpt_oks_sigmas
+    k = next((len(a["keypoints"]) // 3 for a in annotations if "keypoints" in a), len(coco))
+    return coco if k == len(coco) else np.full(k, coco.mean())
 
 
 class CocoEvaluator:
@@ -124,6 +135,7 @@ class CocoEvaluator:
         self.annotations: list[dict[str, Any]] = []
         self.results: dict[str, list[dict[str, Any]]] = {t: [] for t in self.iou_types}
         self.coco_eval: dict[str, COCOeval] = {}
+        self.per_class: dict[str, dict[str, float]] = {}
 
     def process(
         self,
@@ -172,9 +184,24 @@ class CocoEvaluator:
                 coco_dt = coco_gt.loadRes(results) if results else COCO()
                 coco_eval = COCOeval(coco_gt, coco_dt, iouType=iou_type)
                 coco_eval.params.imgIds = sorted(coco_gt.getImgIds())
+                if iou_type == "keypoints":
+                    coco_eval.params.kpt_oks_sigmas = oks_sigmas(self.annotations)
                 coco_eval.evaluate()
                 coco_eval.accumulate()
                 coco_eval.summarize()
                 self.coco_eval[iou_type] = coco_eval
                 stats[iou_type] = dict(zip(STAT_NAMES, map(float, coco_eval.stats)))
+                self.per_class[iou_type] = self._per_class_ap(coco_eval)
         return stats
+
+    def _per_class_ap(self, coco_eval: COCOeval) -> dict[str, float]:
+        """AP at IoU 0.50:0.95, all areas, 100 detections, per category (pycocotools' own
+        precision table, as its summarize() averages it); -1 for a class without ground truth."""
+        precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
+        names = self.classes or []
+        result = {}
+        for k, cat_id in enumerate(coco_eval.params.catIds):
+            p = precision[:, :, k, 0, -1]
+            name = names[cat_id] if cat_id < len(names) else str(cat_id)
+            result[name] = float(p[p > -1].mean()) if (p > -1).any() else -1.0
+        return result

@@ -1,0 +1,180 @@
+"""The dataset doctor: every problem in a split, with the file it is in, before training starts.
+
+``check`` is what ``detfit data check`` prints and what training runs first: fatal problems
+(missing or unreadable images, references to unknown images or classes, masks or annotations
+whose size disagrees with their image) stop; repairable ones (boxes outside the image, degenerate
+boxes, EXIF orientation, grayscale/RGBA/16-bit images) are repaired when the data is read.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Callable
+
+from detfit.data.images import read_header
+from detfit.data.records import AnnotatedSet, ImageRecord, Problem
+from detfit.errors import DetfitError
+
+MODE_NOTES = {
+    "L": "grayscale",
+    "LA": "grayscale with alpha",
+    "RGBA": "RGBA",
+    "P": "palette",
+    "PA": "palette with alpha",
+    "CMYK": "CMYK",
+    "I;16": "16-bit",
+    "I;16B": "16-bit",
+    "I;16L": "16-bit",
+    "I": "32-bit integer",
+    "F": "floating-point",
+    "1": "1-bit",
+}
+
+
+def _rle_size(rle: dict) -> tuple[int, int] | None:
+    size = rle.get("size")
+    return (int(size[0]), int(size[1])) if size and len(size) == 2 else None
+
+
+def check_record(record: ImageRecord, read_images: bool = True) -> list[Problem]:
+    """Problems of one image and its annotations."""
+    problems: list[Problem] = []
+    name = str(record.path)
+    width, height = record.width, record.height
+    if read_images:
+        try:
+            header = read_header(record.path)
+        except DetfitError as exc:
+            return [Problem(name, str(exc).split(": ", 1)[-1], fatal=True)]
+        if header.mode != "RGB":
+            note = MODE_NOTES.get(header.mode, header.mode)
+            problems.append(Problem(name, f"{note} image (mode {header.mode}), read as 8-bit RGB"))
+        if header.exif_rotated:
+            problems.append(
+                Problem(
+                    name, f"EXIF orientation {header.orientation}: read rotated, as viewers show it"
+                )
+            )
+        if width and height and (width, height) != (header.width, header.height):
+            if header.exif_rotated and (width, height) == header.stored_size:
+                message = (
+                    f"annotated as {width}x{height}, the stored size, but its EXIF orientation "
+                    f"{header.orientation} displays it as {header.width}x{header.height}: "
+                    "re-export the annotations on the rotated image or strip the EXIF tag"
+                )
+            else:
+                message = (
+                    f"annotations say {width}x{height} but the image is "
+                    f"{header.width}x{header.height}"
+                )
+            problems.append(Problem(name, message, fatal=True))
+            return problems
+        width, height = header.width, header.height
+    elif not record.path.is_file():
+        return [Problem(name, "image file not found", fatal=True)]
+
+    for k, inst in enumerate(record.instances):
+        what = f"object {k + 1}" + (
+            f" (annotation {inst.source_id})" if inst.source_id is not None else ""
+        )
+        if inst.rle is not None and height and _rle_size(inst.rle) not in (None, (height, width)):
+            h, w = _rle_size(inst.rle)
+            problems.append(
+                Problem(name, f"{what}: mask is {w}x{h} but the image is {width}x{height}", True)
+            )
+        if inst.polygons is not None and any(len(p) < 6 for p in inst.polygons):
+            problems.append(
+                Problem(name, f"{what}: polygon with fewer than 3 points (part ignored)")
+            )
+        if inst.box is None:
+            continue
+        x1, y1, x2, y2 = inst.box
+        if x2 - x1 <= 0 or y2 - y1 <= 0:
+            problems.append(Problem(name, f"{what}: box of size {x2 - x1:g}x{y2 - y1:g} (dropped)"))
+            continue
+        if width and height and (x1 < 0 or y1 < 0 or x2 > width or y2 > height):
+            inside = min(x2, width) > max(x1, 0) and min(y2, height) > max(y1, 0)
+            action = "clipped to the image" if inside else "entirely outside the image (dropped)"
+            problems.append(
+                Problem(
+                    name,
+                    f"{what}: box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] outside the "
+                    f"{width}x{height} image ({action})",
+                )
+            )
+    return problems
+
+
+def check(
+    annotations: AnnotatedSet,
+    read_images: bool = True,
+    progress: Callable | None = None,
+) -> list[Problem]:
+    """Every problem of a split: those found while reading it, then per image."""
+    problems = list(annotations.problems)
+    records = annotations.images if progress is None else progress(annotations.images)
+    for record in records:
+        problems.extend(check_record(record, read_images))
+    return problems
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"min {min(values):g}, median {statistics.median(values):g}, max {max(values):g}"
+
+
+def summary(annotations: AnnotatedSet) -> list[str]:
+    """Counts per class, image sizes and instances per image, as printable lines."""
+    per_class: Counter = Counter()
+    images_with: Counter = Counter()
+    crowd = 0
+    for record in annotations.images:
+        seen = set()
+        for inst in record.instances:
+            if inst.crowd:
+                crowd += 1
+                continue
+            per_class[inst.label] += 1
+            seen.add(inst.label)
+        images_with.update(seen)
+    lines = [
+        f"{annotations.source}: {len(annotations.images)} images, {annotations.num_instances} "
+        f"annotations ({crowd} crowd/difficult), {len(annotations.classes) - 1} classes"
+        + (", masks" if annotations.has_masks else "")
+        + (f", {len(annotations.keypoint_names)} keypoints" if annotations.keypoint_names else ""),
+        "  class                     instances  images",
+    ]
+    for label, name in enumerate(annotations.classes[1:], 1):
+        lines.append(f"  {name[:24]:24s}  {per_class[label]:9d}  {images_with[label]:6d}")
+    sized = [r for r in annotations.images if r.width and r.height]
+    lines.append(f"  image width:  {_spread([r.width for r in sized])}")
+    lines.append(f"  image height: {_spread([r.height for r in sized])}")
+    counts = [len(r.instances) for r in annotations.images]
+    empty = sum(c == 0 for c in counts)
+    lines.append(f"  objects per image: {_spread(counts)}; {empty} images without objects")
+    return lines
+
+
+MAX_WARNING_LINES = 20
+
+
+def validate(sets: list[AnnotatedSet], spec_text: str, log: Callable[[str], None] = print) -> None:
+    """Training's check: one line per repaired problem (up to 20), DetfitError on a fatal one."""
+    problems = [p for s in sets for p in check(s)]
+    fatal = [p for p in problems if p.fatal]
+    if fatal:
+        more = (
+            f" (and {len(fatal) - 1} more: run detfit data check {spec_text})"
+            if len(fatal) > 1
+            else ""
+        )
+        raise DetfitError(f"{fatal[0].file}: {fatal[0].message}{more}")
+    for problem in problems[:MAX_WARNING_LINES]:
+        log(str(problem))
+    if len(problems) > MAX_WARNING_LINES:
+        log(
+            f"... and {len(problems) - MAX_WARNING_LINES} more repaired problems "
+            f"(detfit data check {spec_text})"
+        )

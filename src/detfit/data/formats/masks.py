@@ -1,0 +1,104 @@
+"""Instance-mask folders, as Penn-Fudan: images plus PNG masks whose pixel values are instance
+ids (0 = background). Classes: one for all, or a per-mask ``<mask stem>.json`` mapping ids to
+class names (``{"1": "person", "2": "bicycle"}``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from detfit.data.images import list_images, load_mask_ids, read_header
+from detfit.data.records import AnnotatedSet, ImageRecord, Instance, Problem, class_list
+from detfit.errors import DetfitError
+
+LAYOUTS = (("images", "masks"), ("PNGImages", "PedMasks"))
+
+
+def find_layout(root: Path) -> tuple[Path, Path]:
+    root = Path(root)
+    for base in (root, root / "PennFudanPed"):
+        for images, masks in LAYOUTS:
+            if (base / images).is_dir() and (base / masks).is_dir():
+                return base / images, base / masks
+    raise DetfitError(f"{root}: expected images/ and masks/ folders (or PNGImages/ and PedMasks/)")
+
+
+def mask_for(image: Path, masks_dir: Path) -> Path | None:
+    for name in (f"{image.stem}.png", f"{image.stem}_mask.png"):
+        if (masks_dir / name).is_file():
+            return masks_dir / name
+    return None
+
+
+def read_mask_folder(
+    root: Path, names: list[str] | None = None, drop_empty: bool = False
+) -> AnnotatedSet:
+    images_dir, masks_dir = find_layout(root)
+    problems: list[Problem] = []
+    maps: dict[Path, dict[int, str]] = {}
+    pairs = []
+    for image_path in list_images(images_dir):
+        mask_path = mask_for(image_path, masks_dir)
+        if mask_path is None:
+            problems.append(Problem(str(image_path), f"no mask in {masks_dir}", fatal=True))
+            continue
+        sidecar = mask_path.with_suffix(".json")
+        if sidecar.is_file():
+            try:
+                maps[mask_path] = {
+                    int(k): str(v) for k, v in json.loads(sidecar.read_text()).items()
+                }
+            except (ValueError, AttributeError) as exc:
+                problems.append(Problem(str(sidecar), f"not an id -> class map ({exc})", True))
+        pairs.append((image_path, mask_path))
+    if names is None:
+        found = sorted({n for m in maps.values() for n in m.values()})
+        names = found or ["object"]
+    classes = class_list(names)
+    label_of = {n: i for i, n in enumerate(classes) if i}
+
+    images = []
+    for index, (image_path, mask_path) in enumerate(pairs):
+        try:
+            header = read_header(image_path)
+            ids_map = load_mask_ids(mask_path)
+        except DetfitError as exc:
+            problems.append(Problem(*str(exc).split(": ", 1), fatal=True))
+            continue
+        if tuple(ids_map.shape) != (header.height, header.width):
+            problems.append(
+                Problem(
+                    str(mask_path),
+                    f"mask is {ids_map.shape[1]}x{ids_map.shape[0]} but its image is "
+                    f"{header.width}x{header.height}",
+                    fatal=True,
+                )
+            )
+            continue
+        record = ImageRecord(
+            file=str(image_path),
+            image_id=index,
+            width=header.width,
+            height=header.height,
+            mask_path=mask_path,
+            file_name=image_path.name,
+        )
+        counts = torch.bincount(ids_map.flatten())
+        class_map = maps.get(mask_path, {})
+        for value in counts.nonzero().flatten().tolist():
+            if value == 0:
+                continue
+            name = class_map.get(value, classes[1] if not class_map else None)
+            if name not in label_of:
+                problems.append(
+                    Problem(str(mask_path), f"instance {value} has no known class ({name})", True)
+                )
+                continue
+            ys, xs = torch.nonzero(ids_map == value, as_tuple=True)
+            box = (float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1)
+            record.instances.append(Instance(label=label_of[name], box=box, mask_value=value))
+        if record.instances or not drop_empty:
+            images.append(record)
+    return AnnotatedSet(classes=classes, images=images, source=str(root), problems=problems)
