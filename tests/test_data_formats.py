@@ -17,6 +17,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+import detfit.predict as predict_module
 from conftest import TINY
 from detfit.cli import main
 from detfit.config import TrainConfig
@@ -252,6 +253,29 @@ def test_keypoints_follow_a_flip(coco_detail):
     assert kp[:, 2].tolist() == [2, 1, 2]  # visibility kept
     assert abs(kp[0, 0].item() - (60 - 1 - 23)) <= 1 and kp[0, 1].item() == 6
     assert target["boxes"][1].tolist() == [60 - 32, 5, 60 - 22, 30]
+
+
+def test_a_flip_swaps_left_and_right_keypoints(tmp_path):
+    Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(tmp_path / "p.png")
+    data = {
+        "images": [{"id": 1, "file_name": "p.png", "width": 40, "height": 20}],
+        "categories": [{"id": 1, "name": "face", "keypoints": ["nose", "left_eye", "right_eye"]}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [5, 2, 20, 15],
+                "keypoints": [15, 10, 2, 10, 5, 2, 20, 5, 1],
+            }
+        ],
+    }
+    (tmp_path / "k.json").write_text(json.dumps(data))
+    annotations = DatasetSpec.parse(f"coco:{tmp_path / 'k.json'}").read()
+    flip = train_transforms(hflip_prob=1.0, keypoint_names=annotations.keypoint_names)
+    _, target = DetectionDataset(annotations, flip, train=True)[0]
+    # mirrored x is W - 1 - x (v2's pixel convention); the eyes trade places, with visibility
+    assert target["keypoints"][0].tolist() == [[24, 10, 2], [19, 5, 1], [29, 5, 2]]
 
 
 def test_bbox_only_coco_gives_detection_targets(tmp_path):
@@ -505,7 +529,7 @@ def test_coco_round_trip_keeps_every_annotation(coco_detail, formats, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["coco", "voc", "yolo", "yolo-seg", "masks"])
-def test_multiclass_training_in_every_format(formats, name, tmp_path):
+def test_multiclass_training_in_every_format(formats, name, tmp_path, monkeypatch):
     model = "maskrcnn_mobilenet_v2_fpn" if name in MASK_FORMATS else "fasterrcnn_mobilenet_v2_fpn"
     options = {k: v for k, v in SMALL.items() if model.startswith("mask") or "mask" not in k}
     cfg = TrainConfig(
@@ -529,7 +553,17 @@ def test_multiclass_training_in_every_format(formats, name, tmp_path):
         assert sorted(k.split("/")[1] for k in per_class) == sorted(SYNTHETIC_CLASSES)
         assert all(v == -1.0 or 0.0 <= v <= 1.0 for v in per_class.values())
     images = sorted(Path(str(formats[name]).split(":", 1)[1]).parent.rglob("img00*.png"))[:2]
+    drawn: list[str] = []
+    real_draw = predict_module.draw_bounding_boxes
+
+    def spy(image, boxes, labels=None, **kwargs):
+        drawn.extend(labels or [])
+        return real_draw(image, boxes, labels=labels, **kwargs)
+
+    monkeypatch.setattr(predict_module, "draw_bounding_boxes", spy)
     written = predict_files(run / "last.pt", images, tmp_path / "pred", score_threshold=0.0)
+    assert drawn and all(label.split()[0] in SYNTHETIC_CLASSES for label in drawn)
+    assert all(p.stat().st_size > 0 for p in written if p.suffix == ".png")
     record = json.loads(next(p for p in written if p.suffix == ".json").read_text())
     assert record["detections"], "an untrained model at score 0 still detects something"
     for det in record["detections"]:

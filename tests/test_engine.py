@@ -409,6 +409,51 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, monkeypatch
     assert TrainConfig.load(run_b / "config.yaml") == cfg
 
 
+def test_ema_is_what_is_evaluated_saved_and_resumed(landscape_root, tmp_path, monkeypatch):
+    """With ema_decay, the averaged weights are evaluated and saved as "model"; the raw ones
+    travel as "train_model", and a resumed run ends with both equal to an uninterrupted run's."""
+    import dataclasses
+
+    def ema_config(out: Path) -> TrainConfig:
+        return dataclasses.replace(
+            run_config(landscape_root, out), ema_decay=0.9, max_iters_per_epoch=2
+        )
+
+    run_a = fit(ema_config(tmp_path / "a"), progress=False, log=lambda s: None)
+    a = load_checkpoint(run_a / "last.pt")
+    assert a["ema_updates"] == 4  # 2 epochs x 2 steps
+    floats = [k for k, v in a["model"].items() if v.is_floating_point()]
+    assert any(not torch.equal(a["model"][k], a["train_model"][k]) for k in floats)
+    # the metrics are the averaged model's: evaluating "model" again reproduces them
+    cfg = ema_config(tmp_path / "unused")
+    data = trainer_module.build_datasets(cfg, log=lambda s: None)
+    _, test_loader = trainer_module.build_loaders(cfg, data)
+    model = rebuild_model(a["model_info"], a["model"])
+    result = evaluate(model, test_loader, "cpu", progress=False, verbose=False)
+    assert result.stats["segm"]["AP"] == a["history"][-1]["segm_AP"]
+
+    class Interrupted(Exception):
+        pass
+
+    real_evaluate, calls = trainer_module.evaluate, []
+
+    def evaluate_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_stop)
+    with pytest.raises(Interrupted):
+        fit(ema_config(tmp_path / "b"), progress=False, log=lambda s: None)
+    monkeypatch.setattr(trainer_module, "evaluate", real_evaluate)
+    b = load_checkpoint(fit(resume=tmp_path / "b", progress=False, log=lambda s: None) / "last.pt")
+    assert b["ema_updates"] == 4
+    for key in ("model", "train_model"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 

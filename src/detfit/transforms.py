@@ -25,11 +25,11 @@ class _V2Adapter:
         self.transform = self.v2_class(*args, **kwargs)
 
     def __call__(self, image: Any, target: dict[str, Any] | None = None):
-        image, wrapped, visibility = to_tv_tensors(image, target)
+        image, wrapped = to_tv_tensors(image, target)
         if wrapped is None:
             return self.transform(image), None
         image, wrapped = self.transform(image, wrapped)
-        return image, restore_keypoints(wrapped, visibility)
+        return image, restore_keypoints(wrapped)
 
     def __repr__(self) -> str:
         return f"T.{type(self).__name__}({self.transform!r})"

@@ -22,6 +22,8 @@ from detfit.data.images import load_mask_ids, load_rgb
 from detfit.data.records import AnnotatedSet, ImageRecord, Instance
 from detfit.data.transforms import restore_keypoints, to_tv_tensors
 
+MIN_BOX_SIZE = 1.0  # pixels; as SanitizeBoundingBoxes' default, so transforms drop nothing more
+
 
 def rasterize(instance: Instance, height: int, width: int, ids: torch.Tensor | None) -> np.ndarray:
     """The instance's mask as uint8 [H, W] from its polygons, RLE or id in the mask PNG."""
@@ -77,7 +79,7 @@ def build_target(
             continue
         x1, y1 = min(max(box[0], 0.0), width), min(max(box[1], 0.0), height)
         x2, y2 = min(max(box[2], 0.0), width), min(max(box[3], 0.0), height)
-        if x2 <= x1 or y2 <= y1:
+        if x2 - x1 < MIN_BOX_SIZE or y2 - y1 < MIN_BOX_SIZE:
             continue  # degenerate (or entirely outside the image): never reaches the model
         boxes.append((x1, y1, x2, y2))
         labels.append(inst.label)
@@ -159,7 +161,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         )
         image = tv_tensors.Image(image)
         if self.transforms is not None:
-            image, target, visibility = to_tv_tensors(image, target)
+            image, target = to_tv_tensors(image, target)
             image, target = self.transforms(image, target)
-            target = restore_keypoints(target, visibility)
+            target = restore_keypoints(target)
         return image, target

@@ -12,6 +12,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable
 
+from detfit.data.detection import MIN_BOX_SIZE
 from detfit.data.images import read_header
 from detfit.data.records import AnnotatedSet, ImageRecord, Problem
 from detfit.errors import DetfitError
@@ -90,7 +91,7 @@ def check_record(record: ImageRecord, read_images: bool = True) -> list[Problem]
         if inst.box is None:
             continue
         x1, y1, x2, y2 = inst.box
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
+        if x2 - x1 < MIN_BOX_SIZE or y2 - y1 < MIN_BOX_SIZE:
             problems.append(Problem(name, f"{what}: box of size {x2 - x1:g}x{y2 - y1:g} (dropped)"))
             continue
         if width and height and (x1 < 0 or y1 < 0 or x2 > width or y2 > height):

@@ -54,6 +54,7 @@ def build_datasets(
 
     train_set = spec.read("train")
     eval_set = spec.read("val", train_set.classes) if spec.val is not None else None
+    train_tf = train_transforms(cfg.hflip_prob, cfg.photometric, train_set.keypoint_names)
     validate([train_set] + ([eval_set] if eval_set else []), spec.text, log)
     if eval_set is not None:
         train = DetectionDataset(train_set, train_tf, train=True)

@@ -177,6 +177,7 @@ def fit(
             scaler,
             lr_scheduler=scheduler,
             clip_grad_norm=cfg.clip_grad_norm,
+            max_iters=cfg.max_iters_per_epoch,
             progress=progress,
             ema=ema,
         )
