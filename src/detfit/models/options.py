@@ -7,12 +7,18 @@ spells them once and a checkpoint's options rebuild the identical model.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from numbers import Number
 from typing import Any
 
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FasterRCNN
+from torchvision.models.detection.fcos import FCOS
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNN
+from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
 
 from detfit.errors import DetfitError
@@ -27,15 +33,40 @@ RCNN_NAMES = {
 }
 
 
+# Model name prefix -> the class whose constructor takes the options.
+CLASSES = {
+    "fasterrcnn": FasterRCNN,
+    "maskrcnn": MaskRCNN,
+    "keypointrcnn": KeypointRCNN,
+    "retinanet": RetinaNet,
+    "fcos": FCOS,
+    "ssd": SSD,
+}
+# Set by detfit's builders, not by options.
+BUILDER_SET = {"self", "backbone", "num_classes", "kwargs", "anchor_generator", "size"}
+
+
 def constructor_options(name: str, family: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options that go to the torchvision constructor of ``family`` (rcnn, dense, ssd)."""
+    """The options that go to the torchvision constructor of ``family`` (rcnn, dense, ssd).
+
+    torchvision passes unknown keywords on to its transform, which ignores them; here an unknown
+    name is an error, so a misspelt setting cannot go unnoticed.
+    """
+    cls = next(c for prefix, c in CLASSES.items() if name.startswith(prefix))
+    known = set(inspect.signature(cls.__init__).parameters) - BUILDER_SET
     out = {}
     for key, value in options.items():
         if key in POST_BUILD:
             continue
         if family == "ssd" and key in ("min_size", "max_size"):
             raise DetfitError(f"{name}: SSD resizes to a fixed square; set size, not {key}")
-        out[RCNN_NAMES.get(key, key) if family == "rcnn" else key] = value
+        key = RCNN_NAMES.get(key, key) if family == "rcnn" else key
+        if key not in known:
+            raise DetfitError(
+                f"{name}: unknown model option {key!r} (see detfit.models.options and "
+                f"{cls.__name__}'s arguments)"
+            )
+        out[key] = value
     return out
 
 

@@ -70,6 +70,7 @@ def build_pretrained(
     *,
     weights: Any = None,
     weights_backbone: Any = None,
+    trainable_backbone_layers: int | None = None,
     keep_classes: Sequence[str] | None = None,
     num_keypoints: int | None = None,
     keep_keypoints: Sequence[str] | None = None,
@@ -84,6 +85,7 @@ def build_pretrained(
     if not keypoints and (num_keypoints is not None or keep_keypoints):
         raise DetfitError(f"{name}: num_keypoints/keep_keypoints are Keypoint R-CNN options")
     kwargs = constructor_options(name, family, options)
+    kwargs["trainable_backbone_layers"] = trainable_backbone_layers
     spec = resolve_weights(weights, weights_enum)
     if spec is None and (keep_classes or keep_keypoints):
         raise DetfitError(f"{name}: keep_classes/keep_keypoints need pretrained weights")
