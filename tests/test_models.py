@@ -355,7 +355,16 @@ def test_mobilenet_fpn_backbone_from_local_file(mobilenet_file):
     assert model.roi_heads.mask_roi_pool.featmap_names == ["0", "1", "2"]
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+# The R-CNN models this file has always covered; tests/test_models_families.py covers the rest.
+RCNN_MODELS = [
+    *SITUATION_A,
+    "fasterrcnn_mobilenet_v2",
+    "maskrcnn_mobilenet_v2_fpn",
+    "fasterrcnn_mobilenet_v2_fpn",
+]
+
+
+@pytest.mark.parametrize("name", RCNN_MODELS)
 def test_every_model_trains_one_step_and_predicts(name, synthetic_root):
     spec = MODELS[name]
     torch.manual_seed(0)

@@ -284,12 +284,14 @@ def data_example(
 
 @app.command()
 def models() -> None:
-    """List the registered architectures and their pretrained weights."""
-    from detfit.models import MODELS
+    """List every architecture and backbone: COCO AP, size, GFLOPS, and whether it runs offline."""
+    from detfit.models.catalog import render, tables
 
-    for spec in MODELS.values():
-        weights = spec.default_weights or f"backbone {spec.default_weights_backbone}"
-        typer.echo(f"{spec.name:30s} {spec.task:22s} weights: {weights:24s} {spec.description}")
+    typer.echo("\n\n".join(render(t) for t in tables()))
+    typer.echo(
+        "\nAP: COCO val2017 (torchvision's metadata); offline: the weights file is in the torch "
+        "hub cache; situation A models also take --weights none --weights-backbone DEFAULT."
+    )
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Models: one registry of builders for situation A (COCO-pretrained torchvision detectors with new
-class layers) and situation B (other backbones)."""
+class layers) and situation B (a detector head on another ImageNet backbone)."""
 
 from detfit.models.registry import (
     MODELS,

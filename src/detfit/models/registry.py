@@ -1,23 +1,29 @@
 """The one registry of models: name -> builder, task, weights and defaults.
 
-The CLI, the config, checkpoints and ``detfit models`` all read model facts from here.
+Situation A: every detection builder in torchvision, built with its COCO weights and new class
+layers. Situation B: ``<head>_<backbone>`` (one feature map, the seed's way) and
+``<head>_<backbone>_fpn`` for every head in :data:`HEADS` and backbone in :data:`BACKBONES`, except
+the names torchvision already builds (those are situation A models, which also take an
+ImageNet-only backbone with ``weights=None``). The CLI, the config, checkpoints and
+``detfit models`` all read model facts from here.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from torch import nn
-from torchvision.models import MobileNet_V2_Weights, ResNet50_Weights, WeightsEnum
+from torchvision.models import WeightsEnum, get_model_weights
 from torchvision.models import detection as tvd
 
 from detfit.errors import DetfitError
-from detfit.models import mobilenet
-from detfit.models.torchvision_rcnn import build_pretrained_rcnn
-from detfit.models.weights import NO_WEIGHTS
+from detfit.models.backbones import BACKBONES, backbone_enum
+from detfit.models.pretrained import build_pretrained
+from detfit.models.situation_b import HEADS, build_detector
 
 
 @dataclass(frozen=True)
@@ -26,134 +32,115 @@ class ModelSpec:
 
     name: str
     build: Callable[..., nn.Module]  # build(num_classes, *, weights, weights_backbone, **options)
-    has_masks: bool
     description: str
+    has_masks: bool = False
+    has_keypoints: bool = False
     weights_enum: type[WeightsEnum] | None = None  # situation A: full-detector weights
     backbone_enum: type[WeightsEnum] | None = None
+    backbone: str | None = None  # situation B: the torchvision classifier it is built on
     default_weights: str | None = None
     default_weights_backbone: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # model options used unless overridden
 
     @property
     def task(self) -> str:
+        if self.has_keypoints:
+            return "keypoints"
         return "instance-segmentation" if self.has_masks else "detection"
+
+    @property
+    def situation(self) -> str:
+        return "A" if self.weights_enum is not None else "B"
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register(spec: ModelSpec) -> ModelSpec:
-    if spec.name in MODELS:
-        raise ValueError(f"model {spec.name!r} registered twice")
-    MODELS[spec.name] = spec
-    return spec
+def register(
+    name: str, build: Callable[..., nn.Module], description: str, **facts: Any
+) -> ModelSpec:
+    """Add ``name``; ``facts`` are the other :class:`ModelSpec` fields."""
+    if name in MODELS:
+        raise ValueError(f"model {name!r} registered twice")
+    has_masks = name.startswith("maskrcnn")
+    has_keypoints = name.startswith("keypointrcnn")
+    MODELS[name] = ModelSpec(
+        name, build, description, has_masks=has_masks, has_keypoints=has_keypoints, **facts
+    )
+    return MODELS[name]
 
 
-def _situation_a(name: str, builder, weights_enum, has_masks: bool, description: str) -> None:
-    def build(num_classes: int, *, weights=None, weights_backbone=None, **options) -> nn.Module:
-        return build_pretrained_rcnn(
-            builder,
-            weights_enum,
-            ResNet50_Weights,
-            num_classes,
-            weights=weights,
-            weights_backbone=weights_backbone,
-            has_masks=has_masks,
-            **options,
-        )
+# Situation A: name -> (family, backbone weights, description). Families group the constructors
+# that share option names (see detfit.models.options).
+TORCHVISION: dict[str, tuple[str, str, str]] = {
+    "maskrcnn_resnet50_fpn": ("rcnn", "resnet50", "Mask R-CNN ResNet-50-FPN (the tutorial's)"),
+    "maskrcnn_resnet50_fpn_v2": ("rcnn", "resnet50", "Mask R-CNN ResNet-50-FPN v2 recipe"),
+    "fasterrcnn_resnet50_fpn": ("rcnn", "resnet50", "Faster R-CNN ResNet-50-FPN"),
+    "fasterrcnn_resnet50_fpn_v2": ("rcnn", "resnet50", "Faster R-CNN ResNet-50-FPN v2 recipe"),
+    "fasterrcnn_mobilenet_v3_large_fpn": (
+        "rcnn",
+        "mobilenet_v3_large",
+        "Faster R-CNN MobileNetV3-Large-FPN",
+    ),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (
+        "rcnn",
+        "mobilenet_v3_large",
+        "Faster R-CNN MobileNetV3-Large-FPN at 320 px",
+    ),
+    "keypointrcnn_resnet50_fpn": ("rcnn", "resnet50", "Keypoint R-CNN ResNet-50-FPN (people)"),
+    "retinanet_resnet50_fpn": ("dense", "resnet50", "RetinaNet ResNet-50-FPN"),
+    "retinanet_resnet50_fpn_v2": ("dense", "resnet50", "RetinaNet ResNet-50-FPN v2 recipe"),
+    "fcos_resnet50_fpn": ("dense", "resnet50", "FCOS ResNet-50-FPN"),
+    "ssd300_vgg16": ("ssd", "vgg16", "SSD300 VGG-16 (fixed 300 px input)"),
+    "ssdlite320_mobilenet_v3_large": ("ssd", "mobilenet_v3_large", "SSDLite MobileNetV3-Large"),
+}
 
+for _name, (_family, _backbone, _description) in TORCHVISION.items():
+    _weights, _backbone_weights = get_model_weights(_name), get_model_weights(_backbone)
     register(
-        ModelSpec(
-            name=name,
-            build=build,
-            has_masks=has_masks,
-            description=description,
-            weights_enum=weights_enum,
-            backbone_enum=ResNet50_Weights,
-            default_weights="DEFAULT",
-            default_weights_backbone=None,
-        )
+        _name,
+        partial(build_pretrained, _name, getattr(tvd, _name), _weights, _backbone_weights, _family),
+        _description + ", COCO weights",
+        weights_enum=_weights,
+        backbone_enum=_backbone_weights,
+        default_weights="DEFAULT",
     )
 
-
-_situation_a(
-    "maskrcnn_resnet50_fpn",
-    tvd.maskrcnn_resnet50_fpn,
-    tvd.MaskRCNN_ResNet50_FPN_Weights,
-    True,
-    "Mask R-CNN ResNet-50-FPN (the tutorial's model), COCO weights",
-)
-_situation_a(
-    "maskrcnn_resnet50_fpn_v2",
-    tvd.maskrcnn_resnet50_fpn_v2,
-    tvd.MaskRCNN_ResNet50_FPN_V2_Weights,
-    True,
-    "Mask R-CNN ResNet-50-FPN v2 (improved recipe), COCO weights",
-)
-_situation_a(
-    "fasterrcnn_resnet50_fpn",
-    tvd.fasterrcnn_resnet50_fpn,
-    tvd.FasterRCNN_ResNet50_FPN_Weights,
-    False,
-    "Faster R-CNN ResNet-50-FPN, COCO weights",
-)
-_situation_a(
-    "fasterrcnn_resnet50_fpn_v2",
-    tvd.fasterrcnn_resnet50_fpn_v2,
-    tvd.FasterRCNN_ResNet50_FPN_V2_Weights,
-    False,
-    "Faster R-CNN ResNet-50-FPN v2 (improved recipe), COCO weights",
-)
-
-
-def _situation_b(name: str, fn, has_masks: bool, description: str, **defaults) -> None:
-    def build(num_classes: int, *, weights=None, weights_backbone="IMAGENET1K_V1", **options):
-        if weights not in NO_WEIGHTS:
-            raise DetfitError(
-                f"{name}: torchvision has no full-detector weights for it; set weights_backbone "
-                "(or --resume a run of it)"
+# Situation B models with a story of their own.
+_NOTES = {
+    "fasterrcnn_mobilenet_v2": "the seed's situation B: Faster R-CNN on MobileNetV2 features",
+    "maskrcnn_mobilenet_v2_fpn": "Mask R-CNN on an ImageNet MobileNetV2-FPN (the CPU recipe's)",
+}
+_HEAD_NAMES = {
+    "fasterrcnn": "Faster R-CNN",
+    "maskrcnn": "Mask R-CNN",
+    "retinanet": "RetinaNet",
+    "fcos": "FCOS",
+}
+for _backbone in BACKBONES:
+    for _head in HEADS:
+        for _fpn in (False, True):
+            _name = f"{_head}_{_backbone}" + ("_fpn" if _fpn else "")
+            if _name in MODELS:
+                continue  # torchvision builds it: situation A
+            _what = "an FPN over" if _fpn else "one feature map of"
+            register(
+                _name,
+                partial(build_detector, _head, _backbone, _fpn),
+                _NOTES.get(_name, f"{_HEAD_NAMES[_head]} on {_what} ImageNet {_backbone}"),
+                backbone_enum=backbone_enum(_backbone),
+                backbone=_backbone,
+                default_weights_backbone="IMAGENET1K_V1",
             )
-        return fn(num_classes, weights_backbone=weights_backbone, **options)
-
-    register(
-        ModelSpec(
-            name=name,
-            build=build,
-            has_masks=has_masks,
-            description=description,
-            backbone_enum=MobileNet_V2_Weights,
-            default_weights=None,
-            default_weights_backbone="IMAGENET1K_V1",
-            defaults=defaults,
-        )
-    )
-
-
-_situation_b(
-    "fasterrcnn_mobilenet_v2",
-    mobilenet.fasterrcnn_mobilenet_v2,
-    False,
-    "the seed's situation B: Faster R-CNN on MobileNetV2 features (one 1280-ch map)",
-)
-_situation_b(
-    "maskrcnn_mobilenet_v2_fpn",
-    mobilenet.maskrcnn_mobilenet_v2_fpn,
-    True,
-    "Mask R-CNN on an ImageNet MobileNetV2-FPN backbone (the CPU recipe's model)",
-)
-_situation_b(
-    "fasterrcnn_mobilenet_v2_fpn",
-    partial(mobilenet.maskrcnn_mobilenet_v2_fpn, with_masks=False),
-    False,
-    "Faster R-CNN on an ImageNet MobileNetV2-FPN backbone",
-)
 
 
 def get_spec(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise DetfitError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}") from None
+        raise DetfitError(
+            f"unknown model {name!r}; `detfit models` lists them (e.g. {', '.join(list(MODELS)[:4])})"
+        ) from None
 
 
 def build_model(
@@ -167,8 +154,10 @@ def build_model(
     """Build a registered model for ``num_classes`` (background included).
 
     ``weights``/``weights_backbone``: ``"default"`` (the registry's choice), ``DEFAULT``, an enum
-    name, a local file, or None. ``options`` go to the torchvision constructor (min_size,
-    box_detections_per_img, ...) or the backbone (trainable_backbone_layers, ...).
+    name, a local file, or None. ``options`` are plain settings (see detfit.models.options):
+    min_size, max_size, trainable_backbone_layers, anchor_sizes, aspect_ratios,
+    detections_per_img, score_thresh, nms_thresh, keep_classes, ... or any keyword of the
+    torchvision constructor.
     """
     spec = get_spec(name)
     if num_classes < 2:
@@ -200,22 +189,22 @@ def model_info(
     }
 
 
+# Options that only select pretrained rows: a rebuild from a checkpoint has no pretrained file.
+PRETRAINED_ONLY = ("keep_classes", "keep_keypoints")
+
+
 def rebuild_model(info: dict, state_dict: dict | None = None) -> nn.Module:
     """The exact architecture recorded by :func:`model_info`, with no pretrained file needed."""
-    import warnings
-
     from detfit.models.structure import apply_structure
 
+    options = {k: v for k, v in info["options"].items() if k not in PRETRAINED_ONLY}
+    if info["options"].get("keep_keypoints") and "num_keypoints" not in options:
+        options["num_keypoints"] = len(info["options"]["keep_keypoints"])
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore", UserWarning
-        )  # "trainable layers has no effect" from scratch
+        # "trainable layers has no effect" when built from scratch
+        warnings.simplefilter("ignore", UserWarning)
         model = build_model(
-            info["name"],
-            info["num_classes"],
-            weights=None,
-            weights_backbone=None,
-            **info["options"],
+            info["name"], info["num_classes"], weights=None, weights_backbone=None, **options
         )
     apply_structure(model, info.get("structure", {}))
     if state_dict is not None:

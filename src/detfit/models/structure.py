@@ -31,14 +31,25 @@ def _frozen_copy(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
     return frozen
 
 
-def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
-    """Swap the named BatchNorm2d modules for FrozenBatchNorm2d and freeze the named parameters."""
-    for name in structure.get("frozen_bn", []):
+def _freeze_named(model: nn.Module, names: list[str]) -> None:
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         module = getattr(parent, child)
         if isinstance(module, nn.BatchNorm2d):
             setattr(parent, child, _frozen_copy(module))
+
+
+def freeze_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm2d becomes a FrozenBatchNorm2d with the same statistics and eps (a
+    pretrained backbone's own eps, e.g. 1e-3 for EfficientNet, is kept)."""
+    _freeze_named(model, [n for n, m in model.named_modules() if type(m) is nn.BatchNorm2d])
+    return model
+
+
+def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
+    """Swap the named BatchNorm2d modules for FrozenBatchNorm2d and freeze the named parameters."""
+    _freeze_named(model, structure.get("frozen_bn", []))
     for name, eps in structure.get("frozen_bn_eps", {}).items():
         model.get_submodule(name).eps = eps
     frozen = set(structure.get("frozen_params", []))
