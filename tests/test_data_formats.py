@@ -616,3 +616,52 @@ def test_a_large_coco_file_opens_without_touching_images(tmp_path, monkeypatch):
     dataset = DetectionDataset(annotations)
     sizes = {dataset.get_height_and_width(i) for i in range(n)}
     assert sizes == {(480, 640)} and annotations.num_instances == 5 * n
+
+
+def test_eval_on_another_dataset_spec(formats, tmp_path, monkeypatch, capsys):
+    cfg = TrainConfig(
+        dataset=formats["coco"],
+        model="fasterrcnn_mobilenet_v2_fpn",
+        weights=None,
+        weights_backbone=None,
+        model_options={k: v for k, v in SMALL.items() if "mask" not in k},
+        num_test=3,
+        epochs=1,
+        max_iters_per_epoch=1,
+        workers=0,
+        out=str(tmp_path / "run"),
+    )
+    run = fit(cfg, progress=False, log=lambda _: None)
+    coco_json = formats["coco"].split(":", 1)[1]
+    code, out, _ = run_main(
+        monkeypatch, capsys, "eval", run / "last.pt", "--data", f"coco:{coco_json},val={coco_json}"
+    )
+    assert code in (0, None)
+    stats = json.loads(out[out.index("{") :])
+    assert set(stats) == {"bbox"} and -1.0 <= stats["bbox"]["AP"] <= 1.0
+    code, _, err = run_main(monkeypatch, capsys, "eval", run / "last.pt", "--data", formats["voc"])
+    assert code == 2
+    assert "classes ['bird', 'cat', 'dog'] differ from the checkpoint's ['dog', 'cat', 'bird']" in err
+
+
+def test_keypoint_rcnn_trains_on_coco_keypoints(coco_detail, tmp_path):
+    cfg = TrainConfig(
+        dataset=f"coco:{coco_detail},val={coco_detail}",
+        model="keypointrcnn_resnet50_fpn",
+        weights=None,
+        weights_backbone=None,
+        model_options={
+            **TINY,
+            "rpn_pre_nms_top_n_test": 50,
+            "rpn_post_nms_top_n_test": 10,
+            "box_batch_size_per_image": 16,
+        },
+        epochs=1,
+        workers=0,
+        out=str(tmp_path / "run"),
+    )
+    run = fit(cfg, progress=False, log=lambda _: None)
+    (row,) = json.loads((run / "metrics.json").read_text())
+    assert {"bbox_AP", "keypoints_AP"} <= set(row) and -1.0 <= row["keypoints_AP"] <= 1.0
+    info = json.loads(json.dumps(torch.load(run / "last.pt", weights_only=True)["model_info"]))
+    assert info["options"]["num_keypoints"] == 3  # from the dataset's category

@@ -19,6 +19,7 @@ import torch
 
 from detfit.config import TrainConfig
 from detfit.engine.builders import (
+    Datasets,
     build_datasets,
     build_loaders,
     build_optimizer,
@@ -34,7 +35,7 @@ from detfit.engine.ema import ema_model
 from detfit.engine.loop import evaluate, iou_types_for, train_one_epoch
 from detfit.errors import DetfitError
 from detfit.fileio import atomic_write_text
-from detfit.models import build_model, model_info, rebuild_model
+from detfit.models import build_model, get_spec, model_info, rebuild_model
 from detfit.paths import DEFAULT_RUNS_DIR
 
 
@@ -90,6 +91,16 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
 
 
+def options_for_data(cfg: TrainConfig, data: Datasets) -> dict[str, Any]:
+    """The model options, completed by what the data decides (the number of keypoints)."""
+    options = dict(cfg.model_options)
+    if get_spec(cfg.model).has_keypoints:
+        if not data.keypoint_names:
+            raise DetfitError(f"{cfg.dataset}: has no keypoints, and {cfg.model} needs them")
+        options.setdefault("num_keypoints", len(data.keypoint_names))
+    return options
+
+
 def fit(
     cfg: TrainConfig | None = None,
     *,
@@ -117,14 +128,15 @@ def fit(
         model = rebuild_model(ckpt["model_info"], ckpt.get("train_model") or ckpt["model"])
         info = ckpt["model_info"]
     else:
+        options = options_for_data(cfg, data)
         model = build_model(
             cfg.model,
             len(data.classes),
             weights=cfg.weights,
             weights_backbone=cfg.weights_backbone,
-            **cfg.model_options,
+            **options,
         )
-        info = model_info(cfg.model, len(data.classes), data.classes, cfg.model_options, model)
+        info = model_info(cfg.model, len(data.classes), data.classes, options, model)
         info["category_ids"] = data.category_ids
     if "segm" in iou_types_for(model) and not data.has_masks:
         raise DetfitError(
