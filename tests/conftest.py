@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,35 @@ from detfit.data.synthetic import make_pennfudan
 REPO = Path(__file__).resolve().parents[1]
 REAL_PENNFUDAN = REPO.parent / "shared" / "data" / "PennFudanPed"
 TINY = {"min_size": 64, "max_size": 96}  # model options that keep every test fast
+# Situation B Mask R-CNN options for engine tests: thin heads, few proposals.
+SMALL = {
+    **TINY,
+    "fpn_channels": 32,
+    "mask_head_channels": 32,
+    "rpn_pre_nms_top_n_train": 100,
+    "rpn_post_nms_top_n_train": 50,
+    "rpn_pre_nms_top_n_test": 100,
+    "rpn_post_nms_top_n_test": 20,
+    "box_batch_size_per_image": 32,
+    "box_detections_per_img": 10,
+}
 # Few proposals and detections: an untrained model otherwise runs its heads on 1000 RoIs/image.
 FAST_EVAL = {
     "rpn_pre_nms_top_n_test": 100,
     "rpn_post_nms_top_n_test": 20,
     "box_detections_per_img": 5,
 }
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``detfit ARGS`` through the console entry point, in this process."""
+    from detfit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["detfit", *map(str, args)])
+    with pytest.raises(SystemExit) as info:
+        main()
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from detfit.cli import app, main
+from conftest import run_main
+from detfit.cli import app
 from detfit.config import TrainConfig
 from detfit.data.synthetic import make_pennfudan
 from detfit.engine.checkpoint import load_checkpoint
@@ -32,15 +33,6 @@ def invoke(*args) -> str:
     result = runner.invoke(app, [str(a) for a in args], prog_name="detfit", catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
-
-
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """``detfit ARGS`` through the console entry point, in this process."""
-    monkeypatch.setattr(sys, "argv", ["detfit", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        main()
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
 @pytest.mark.parametrize(
@@ -81,6 +73,23 @@ def test_models_lists_the_registry():
     rows = {line.split()[0]: line for line in invoke("models").splitlines() if line.strip()}
     for name, spec in MODELS.items():
         assert spec.task in rows[name], name
+
+
+def test_models_speed_shows_the_measured_table():
+    """The figures come from benchmarks/model_speed.py's file, one row per measured model."""
+    from detfit.models.catalog import CPU_SPEED_FILE
+
+    measured = json.loads(CPU_SPEED_FILE.read_text())
+    out = invoke("models", "--speed")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:] if line.strip()}
+    assert measured["command"] in out
+    assert {r["model"] for r in measured["rows"]} <= set(MODELS)
+    for r in measured["rows"]:
+        assert rows[r["model"]][1:4] == [
+            f"{r['train_s_per_iter']:.2f}",
+            f"{r['infer_s_per_image']:.2f}",
+            str(r["peak_rss_mib"]),
+        ]
 
 
 def test_data_pennfudan(synthetic_root, monkeypatch, capsys):

@@ -5,7 +5,6 @@ to COCO; multi-class training end to end in every format."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import detfit.predict as predict_module
-from conftest import TINY
-from detfit.cli import main
+from conftest import SMALL, TINY, run_main
 from detfit.config import TrainConfig
 from detfit.data import DatasetSpec, DetectionDataset, check, train_transforms, write_coco
 from detfit.data.synthetic import COCO_CATEGORY_IDS, SYNTHETIC_CLASSES, write_all_formats
@@ -28,17 +26,6 @@ from detfit.errors import DetfitError
 from detfit.eval.coco import CocoEvaluator
 from detfit.predict import predict_files
 
-SMALL = {
-    **TINY,
-    "fpn_channels": 32,
-    "mask_head_channels": 32,
-    "rpn_pre_nms_top_n_train": 100,
-    "rpn_post_nms_top_n_train": 50,
-    "rpn_pre_nms_top_n_test": 100,
-    "rpn_post_nms_top_n_test": 20,
-    "box_batch_size_per_image": 32,
-    "box_detections_per_img": 10,
-}
 MASK_FORMATS = {"coco", "yolo-seg", "masks"}
 
 
@@ -53,14 +40,6 @@ def by_stem(spec: str) -> tuple[dict[str, dict], list[str]]:
     annotations = DatasetSpec.parse(spec).read()
     dataset = DetectionDataset(annotations)
     return {r.path.stem: dataset[i][1] for i, r in enumerate(annotations.images)}, dataset.classes
-
-
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["detfit", *map(str, args)])
-    with pytest.raises(SystemExit) as info:
-        main()
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
 # ---------------------------------------------------------------- one contract for every format
@@ -641,7 +620,9 @@ def test_eval_on_another_dataset_spec(formats, tmp_path, monkeypatch, capsys):
     assert set(stats) == {"bbox"} and -1.0 <= stats["bbox"]["AP"] <= 1.0
     code, _, err = run_main(monkeypatch, capsys, "eval", run / "last.pt", "--data", formats["voc"])
     assert code == 2
-    assert "classes ['bird', 'cat', 'dog'] differ from the checkpoint's ['dog', 'cat', 'bird']" in err
+    assert (
+        "classes ['bird', 'cat', 'dog'] differ from the checkpoint's ['dog', 'cat', 'bird']" in err
+    )
 
 
 def test_keypoint_rcnn_trains_on_coco_keypoints(coco_detail, tmp_path):

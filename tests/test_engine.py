@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import detfit.engine.trainer as trainer_module
-from conftest import TINY
+from conftest import SMALL
 from detfit.config import TrainConfig
 from detfit.data import PennFudanDataset, collate_fn, eval_transforms
 from detfit.data.synthetic import make_pennfudan
@@ -29,17 +29,6 @@ from detfit.errors import DetfitError
 from detfit.eval.coco import STAT_NAMES
 from detfit.models import build_model, rebuild_model
 
-SMALL = {
-    **TINY,
-    "fpn_channels": 32,
-    "mask_head_channels": 32,
-    "rpn_pre_nms_top_n_train": 100,
-    "rpn_post_nms_top_n_train": 50,
-    "rpn_pre_nms_top_n_test": 100,
-    "rpn_post_nms_top_n_test": 20,
-    "box_batch_size_per_image": 32,
-    "box_detections_per_img": 10,
-}
 LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 

@@ -459,3 +459,31 @@ def test_situation_a_imagenet_backbone_from_local_file(tmp_path):
         assert torch.equal(body[key], tensor), key
     assert not model.backbone.body.conv1.weight.requires_grad  # torchvision's 3 trainable layers
     assert model.roi_heads.box_predictor.cls_score.out_features == 3
+
+
+def test_mask_levels_pools_masks_from_the_finest_levels_only(synthetic_root):
+    """mask_levels=1: the mask pooler reads stride 8 alone (every RoI, whatever its size); the box
+    pooler still reads every level. The model trains and the option survives a rebuild."""
+    options = {**FAST, "num_levels": 3, "fpn_channels": 32, "mask_head_channels": 32}
+    model = build_model(
+        "maskrcnn_mobilenet_v2_fpn",
+        2,
+        weights=None,
+        weights_backbone=None,
+        mask_levels=1,
+        **options,
+    )
+    assert model.roi_heads.mask_roi_pool.featmap_names == ["0"]
+    assert model.roi_heads.mask_roi_pool.scales == [1 / 8]
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2"]
+    image, target = PennFudanDataset(synthetic_root, eval_transforms())[0]
+    model.train()
+    losses = model([image], [target])
+    assert torch.isfinite(losses["loss_mask"])
+    info = model_info("maskrcnn_mobilenet_v2_fpn", 2, None, {**options, "mask_levels": 1}, model)
+    rebuilt = rebuild_model(info, model.state_dict())
+    assert rebuilt.roi_heads.mask_roi_pool.featmap_names == ["0"]
+    with pytest.raises(DetfitError, match=r"mask_levels must be in \[1, 3\], got 4"):
+        build_model("maskrcnn_mobilenet_v2_fpn", 2, weights_backbone=None, mask_levels=4, **options)
+    with pytest.raises(DetfitError, match="are Mask R-CNN options"):
+        build_model("fasterrcnn_mobilenet_v2_fpn", 2, weights_backbone=None, mask_levels=1)

@@ -283,10 +283,17 @@ def data_example(
 
 
 @app.command()
-def models() -> None:
+def models(
+    speed: Annotated[
+        bool, typer.Option(help="Show the measured CPU cost per architecture (BENCHMARKS.md).")
+    ] = False,
+) -> None:
     """List every architecture and backbone: COCO AP, size, GFLOPS, and whether it runs offline."""
-    from detfit.models.catalog import render, tables
+    from detfit.models.catalog import render, speed_table, tables
 
+    if speed:
+        typer.echo(render(speed_table()))
+        return
     typer.echo("\n\n".join(render(t) for t in tables()))
     typer.echo(
         "\nAP: COCO val2017 (torchvision's metadata); offline: the weights file is in the torch "

@@ -43,11 +43,10 @@ def build_datasets(
     """The configured dataset, checked, with its held-out split (a given val split, or the seeded
     tutorial split). Fatal annotation problems stop here with one line naming the file."""
     spec = DatasetSpec.parse(cfg.dataset)
-    train_tf = train_transforms(hflip_prob=cfg.hflip_prob, photometric=cfg.photometric)
     if spec.format == "pennfudan":
         given = str(spec.train.path) if str(spec.train.path) != "." else None
         root = resolve_pennfudan(given or cfg.data_root, download=download)
-        train_full = PennFudanDataset(root, train_tf)
+        train_full = PennFudanDataset(root, train_transforms(cfg.hflip_prob, cfg.photometric))
         test_full = PennFudanDataset(root, eval_transforms())
         train, test = split_dataset(train_full, test_full, cfg.num_test, cfg.split_seed)
         return Datasets(train, test, list(PennFudanDataset.classes))

@@ -4,6 +4,8 @@ cache, i.e. whether it builds here without a network."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from torchvision.models import WeightsEnum
@@ -68,6 +70,29 @@ def tables() -> list[Table]:
             b_rows,
         ),
     ]
+
+
+# Measured by benchmarks/model_speed.py on the project's 2-core CPU (see BENCHMARKS.md).
+CPU_SPEED_FILE = Path(__file__).with_name("cpu_speed.json")
+
+
+def speed_table(path: Path = CPU_SPEED_FILE) -> Table:
+    """The measured CPU cost of each architecture, as recorded by the benchmark."""
+    data = json.loads(path.read_text())
+    rows = [
+        [
+            r["model"],
+            f"{r['train_s_per_iter']:.2f}",
+            f"{r['infer_s_per_image']:.2f}",
+            str(r["peak_rss_mib"]),
+            f"{r['trainable_params_m']:.1f}",
+            r["input"],
+        ]
+        for r in data["rows"]
+    ]
+    header = ["name", "train s/it", "infer s/img", "peak RSS MiB", "trainable M", "input"]
+    title = f"Measured on {data['machine']} (batch 2): {data['command']}"
+    return title, header, rows
 
 
 def render(table: Table) -> str:

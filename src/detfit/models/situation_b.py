@@ -51,13 +51,15 @@ def build_detector(
     fpn_channels: int | None = None,
     mask_head_channels: int = 256,
     mask_head_norm: bool = False,
+    mask_levels: int | None = None,
     **options: Any,
 ) -> nn.Module:
     """``head`` on ``backbone_name`` (with an FPN when ``fpn``) for ``num_classes``.
 
     ``num_levels``/``fpn_channels``: FPN levels (from stride 32 down, default 3) and width;
     ``mask_head_channels``/``mask_head_norm``: Mask R-CNN's mask head width and BatchNorm (which
-    speeds up the start of a from-scratch head, as torchvision's v2 models do).
+    speeds up the start of a from-scratch head, as torchvision's v2 models do);
+    ``mask_levels``: the mask pooler reads only the finest N levels (finer mask boundaries).
     """
     name = f"{head}_{backbone_name}" + ("_fpn" if fpn else "")
     if weights not in NO_WEIGHTS:
@@ -67,8 +69,10 @@ def build_detector(
         )
     if not fpn and (num_levels is not None or fpn_channels is not None):
         raise DetfitError(f"{name}: num_levels/fpn_channels need an FPN ({name}_fpn)")
-    if head != "maskrcnn" and (mask_head_channels != 256 or mask_head_norm):
-        raise DetfitError(f"{name}: mask_head_channels/mask_head_norm are Mask R-CNN options")
+    if head != "maskrcnn" and (mask_head_channels != 256 or mask_head_norm or mask_levels):
+        raise DetfitError(
+            f"{name}: mask_head_channels/mask_head_norm/mask_levels are Mask R-CNN options"
+        )
     fpn_channels = fpn_channels or 256
     backbone = build_backbone(
         backbone_name,
@@ -83,9 +87,8 @@ def build_detector(
     dense = head in ("retinanet", "fcos")
     kwargs = constructor_options(name, "dense" if dense else "rcnn", options)
     try:
-        model = _assemble(
-            head, backbone, anchors, num_classes, mask_head_channels, mask_head_norm, kwargs
-        )
+        mask_head = (mask_head_channels, mask_head_norm, mask_levels)
+        model = _assemble(head, backbone, anchors, num_classes, mask_head, kwargs)
     except TypeError as exc:
         raise DetfitError(f"{name}: unknown model option ({str(exc).splitlines()[0]})") from None
     return apply_post_build(model, name, options)
@@ -96,8 +99,7 @@ def _assemble(
     backbone: Backbone,
     anchors: AnchorGenerator,
     num_classes: int,
-    mask_head_channels: int,
-    mask_head_norm: bool,
+    mask_head: tuple[int, bool, int | None],
     kwargs: dict[str, Any],
 ) -> nn.Module:
     module, names = backbone.module, backbone.names
@@ -112,18 +114,22 @@ def _assemble(
             module, num_classes, rpn_anchor_generator=anchors, box_roi_pool=box_pool, **kwargs
         )
     channels = module.out_channels
-    mask_pool = fixed_scale_pooler(names, 14, pool_strides)
+    mask_channels, mask_norm, mask_levels = mask_head
+    if mask_levels is not None and not 1 <= mask_levels <= len(names):
+        raise DetfitError(f"mask_levels must be in [1, {len(names)}], got {mask_levels}")
+    mask_names = names[: mask_levels or len(names)]
+    mask_pool = fixed_scale_pooler(mask_names, 14, pool_strides[: len(mask_names)])
     representation = 1024
-    norm = nn.BatchNorm2d if mask_head_norm else None
-    mask_head = MaskRCNNHeads(channels, (mask_head_channels,) * 4, 1, norm_layer=norm)
-    mask_predictor = MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes)
+    norm = nn.BatchNorm2d if mask_norm else None
+    mask_head_module = MaskRCNNHeads(channels, (mask_channels,) * 4, 1, norm_layer=norm)
+    mask_predictor = MaskRCNNPredictor(mask_channels, mask_channels, num_classes)
     return MaskRCNN(
         module,
         None,  # the class count lives in box_predictor/mask_predictor given here
         rpn_anchor_generator=anchors,
         box_roi_pool=box_pool,
         mask_roi_pool=mask_pool,
-        mask_head=mask_head,
+        mask_head=mask_head_module,
         mask_predictor=mask_predictor,
         box_predictor=FastRCNNPredictor(representation, num_classes),
         box_head=TwoMLPHead(channels * 7 * 7, representation),
