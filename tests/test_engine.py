@@ -34,7 +34,8 @@ LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", 
 
 def small_model(name: str = "maskrcnn_mobilenet_v2_fpn") -> nn.Module:
     torch.manual_seed(0)
-    return build_model(name, 2, weights=None, weights_backbone=None, **SMALL)
+    options = {k: v for k, v in SMALL.items() if name.startswith("mask") or "mask" not in k}
+    return build_model(name, 2, weights=None, weights_backbone=None, **options)
 
 
 def synthetic_loader(root: Path, indices, transforms=None, batch_size: int = 2) -> DataLoader:
