@@ -646,3 +646,28 @@ def test_keypoint_rcnn_trains_on_coco_keypoints(coco_detail, tmp_path):
     assert {"bbox_AP", "keypoints_AP"} <= set(row) and -1.0 <= row["keypoints_AP"] <= 1.0
     info = json.loads(json.dumps(torch.load(run / "last.pt", weights_only=True)["model_info"]))
     assert info["options"]["num_keypoints"] == 3  # from the dataset's category
+
+
+def test_a_box_model_drops_the_recipes_mask_head_options(formats, tmp_path):
+    """`detfit train --data voc:... --model fasterrcnn_...` on the CPU recipe: its mask-head
+    options do not apply, so they are dropped with one line instead of failing."""
+    logs: list[str] = []
+    cfg = TrainConfig(
+        dataset=formats["voc"],
+        model="fasterrcnn_mobilenet_v2_fpn",
+        weights=None,
+        weights_backbone=None,
+        model_options={**TINY, "mask_head_channels": 32, "mask_head_norm": True, "mask_levels": 1},
+        num_test=3,
+        epochs=1,
+        max_iters_per_epoch=1,
+        workers=0,
+        out=str(tmp_path / "run"),
+    )
+    run = fit(cfg, progress=False, log=logs.append)
+    assert (
+        "fasterrcnn_mobilenet_v2_fpn has no mask head: ignoring mask_head_channels, "
+        "mask_head_norm, mask_levels" in logs
+    )
+    info = torch.load(run / "last.pt", weights_only=True)["model_info"]
+    assert not any(k.startswith("mask_") for k in info["options"])

@@ -91,10 +91,24 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
 
 
-def options_for_data(cfg: TrainConfig, data: Datasets) -> dict[str, Any]:
-    """The model options, completed by what the data decides (the number of keypoints)."""
+MASK_HEAD_OPTIONS = ("mask_head_channels", "mask_head_norm", "mask_levels")
+
+
+def options_for_data(
+    cfg: TrainConfig, data: Datasets, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """The model options, completed by what the data decides (the number of keypoints).
+
+    A recipe tuned for a mask model (the CPU recipe) stays usable with ``--model`` set to a box
+    model: its mask-head options are dropped, with one line saying so.
+    """
     options = dict(cfg.model_options)
-    if get_spec(cfg.model).has_keypoints:
+    spec = get_spec(cfg.model)
+    dropped = [k for k in MASK_HEAD_OPTIONS if k in options and not spec.has_masks]
+    if dropped:
+        log(f"{cfg.model} has no mask head: ignoring {', '.join(dropped)}")
+        options = {k: v for k, v in options.items() if k not in dropped}
+    if spec.has_keypoints:
         if not data.keypoint_names:
             raise DetfitError(f"{cfg.dataset}: has no keypoints, and {cfg.model} needs them")
         options.setdefault("num_keypoints", len(data.keypoint_names))
@@ -128,7 +142,7 @@ def fit(
         model = rebuild_model(ckpt["model_info"], ckpt.get("train_model") or ckpt["model"])
         info = ckpt["model_info"]
     else:
-        options = options_for_data(cfg, data)
+        options = options_for_data(cfg, data, log)
         model = build_model(
             cfg.model,
             len(data.classes),
