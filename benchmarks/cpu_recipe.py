@@ -4,6 +4,7 @@ s/image and peak RSS, and whether it reaches the target (bbox AP >= 0.60, segm A
 
     python benchmarks/cpu_recipe.py --data-root ../shared/data/PennFudanPed --out runs/bench-cpu
     python benchmarks/cpu_recipe.py --from-run runs/bench-cpu      # print an existing run
+    python benchmarks/cpu_recipe.py --data-root ... --seed 1        # another training seed
 """
 
 from __future__ import annotations
@@ -58,13 +59,16 @@ def main() -> None:
     parser.add_argument("--data-root")
     parser.add_argument("--out", default="runs/bench-cpu")
     parser.add_argument("--from-run", type=Path)
+    parser.add_argument("--seed", type=int, help="training seed (the split stays the default)")
     args = parser.parse_args()
     if args.from_run:
         report(args.from_run)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
-    run = fit(recipe_config("cpu", data_root=args.data_root, out=args.out), progress=False)
+    run = fit(
+        recipe_config("cpu", data_root=args.data_root, out=args.out, seed=args.seed), progress=False
+    )
     report(run, (time.perf_counter() - start) / 60)
 
 

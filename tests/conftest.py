@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from detfit.config import TrainConfig
 from detfit.data.synthetic import make_pennfudan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +43,46 @@ def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
         main()
     captured = capsys.readouterr()
     return info.value.code, captured.out, captured.err
+
+
+def run_config(synthetic_root: Path, out: Path) -> TrainConfig:
+    """Two short epochs of a SMALL situation B Mask R-CNN on synthetic data, on the CPU."""
+    return TrainConfig(
+        model="maskrcnn_mobilenet_v2_fpn",
+        weights=None,
+        weights_backbone=None,
+        model_options=dict(SMALL),
+        data_root=str(synthetic_root),
+        num_test=3,
+        epochs=2,
+        batch_size=2,
+        workers=0,
+        out=str(out),
+        print_freq=1,
+        threads=1,
+    )
+
+
+def fit_until_second_evaluation(monkeypatch, cfg) -> None:
+    """``fit(cfg)`` with epoch 2's evaluation "crashing": leaves a run folder at epoch 0."""
+    import detfit.engine.trainer as trainer_module
+    from detfit.engine import fit
+
+    class Interrupted(Exception):
+        pass
+
+    real_evaluate, calls = trainer_module.evaluate, []
+
+    def evaluate_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2 trained, its evaluation "crashes"
+            raise Interrupted
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_stop)
+    with pytest.raises(Interrupted):
+        fit(cfg, progress=False, log=lambda s: None)
+    monkeypatch.setattr(trainer_module, "evaluate", real_evaluate)
 
 
 @pytest.fixture(autouse=True)

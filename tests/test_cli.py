@@ -168,6 +168,7 @@ def trained_run(tmp_path_factory):
             "model_options.mask_head_channels=32",
             "model_options.box_score_thresh=0.0",
             "model_options.box_detections_per_img=100",
+            "loss_weights.loss_box_reg=1.5",
         ]
         output = invoke(
             *("train", "--recipe", "cpu", "--data-root", root, "--weights-backbone", "none"),
@@ -194,6 +195,9 @@ def test_train_writes_a_run_folder(trained_run):
     assert cfg.model_options["min_size"] == 64 and cfg.model_options["max_size"] == 96
     assert cfg.model_options["fpn_channels"] == 32
     assert cfg.model_options["mask_head_channels"] == 32
+    # the recipe's mask loss weight stays beside the one --set adds; EMA and colour jitter are on
+    assert cfg.loss_weights == {"loss_mask": 2.0, "loss_box_reg": 1.5}
+    assert cfg.ema_decay == 0.99 and cfg.photometric
     history = json.loads((run_dir / "metrics.json").read_text())
     assert len(history) == 1 and history[0]["epoch"] == 0
 

@@ -650,7 +650,8 @@ def test_keypoint_rcnn_trains_on_coco_keypoints(coco_detail, tmp_path):
 
 def test_a_box_model_drops_the_recipes_mask_head_options(formats, tmp_path):
     """`detfit train --data voc:... --model fasterrcnn_...` on the CPU recipe: its mask-head
-    options do not apply, so they are dropped with one line instead of failing."""
+    options and mask loss weight do not apply, so they are dropped with one line each instead of
+    failing; the other loss weights stay."""
     logs: list[str] = []
     cfg = TrainConfig(
         dataset=formats["voc"],
@@ -658,6 +659,7 @@ def test_a_box_model_drops_the_recipes_mask_head_options(formats, tmp_path):
         weights=None,
         weights_backbone=None,
         model_options={**TINY, "mask_head_channels": 32, "mask_head_norm": True, "mask_levels": 1},
+        loss_weights={"loss_mask": 2.0, "loss_classifier": 1.5},
         num_test=3,
         epochs=1,
         max_iters_per_epoch=1,
@@ -669,5 +671,6 @@ def test_a_box_model_drops_the_recipes_mask_head_options(formats, tmp_path):
         "fasterrcnn_mobilenet_v2_fpn has no mask head: ignoring mask_head_channels, "
         "mask_head_norm, mask_levels" in logs
     )
+    assert "fasterrcnn_mobilenet_v2_fpn computes no loss_mask: ignoring its loss weight" in logs
     info = torch.load(run / "last.pt", weights_only=True)["model_info"]
     assert not any(k.startswith("mask_") for k in info["options"])

@@ -4,6 +4,7 @@ with an exact resume, and atomic, weights-only checkpoints."""
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import math
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import detfit.engine.trainer as trainer_module
-from conftest import SMALL
+from conftest import SMALL, fit_until_second_evaluation, run_config
 from detfit.config import TrainConfig
 from detfit.data import PennFudanDataset, collate_fn, eval_transforms
 from detfit.data.synthetic import make_pennfudan
@@ -203,6 +204,63 @@ def test_isolated_nonfinite_losses_are_skipped(monkeypatch):
     assert stats["skipped_steps"] == float(sum(not math.isfinite(v) for v in pattern)) == 7.0
 
 
+def test_loss_weights_scale_the_gradient_of_named_losses(monkeypatch):
+    """loss_mask x 3 and loss_box x 1: one SGD step moves the weight by lr * (3 * 1 + 1 * 2)."""
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.ones_(model.weight)
+
+    def forward(images, targets=None):
+        w = model.weight.sum()
+        return {"loss_mask": w, "loss_box": 2 * w}
+
+    monkeypatch.setattr(model, "forward", forward)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    one_step = functools.partial(train_one_epoch, model, optimizer, fake_batches(1), "cpu", 1)
+    stats = one_step(progress=False, loss_weights={"loss_mask": 3.0})
+    assert model.weight.item() == pytest.approx(1 - 0.1 * 5)
+    # each loss is logged as the model computed it; "loss" is the weighted sum that was minimised
+    assert stats["loss_mask"] == 1.0 and stats["loss_box"] == 2.0 and stats["loss"] == 5.0
+    with pytest.raises(DetfitError, match=r"loss_weights: loss_msk not among .*loss_mask"):
+        one_step(progress=False, loss_weights={"loss_msk": 2.0})
+
+
+def test_a_step_skipped_by_the_amp_scaler_keeps_the_schedule_quietly(monkeypatch):
+    """GradScaler skips optimizer.step() after an overflow; the lr schedule still advances and
+    torch's "lr_scheduler.step() before optimizer.step()" warning is not shown."""
+    import warnings
+
+    model = nn.Linear(1, 1)
+
+    class SkippingScaler:  # what GradScaler does on an overflow: no optimizer.step()
+        def scale(self, loss):
+            return loss
+
+        def step(self, optimizer):
+            pass
+
+        def update(self):
+            pass
+
+    monkeypatch.setattr(model, "forward", lambda images, targets=None: {"loss": model.weight.sum()})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_one_epoch(
+            model,
+            optimizer,
+            fake_batches(2),
+            "cpu",
+            1,
+            10,
+            SkippingScaler(),
+            lr_scheduler=scheduler,
+            progress=False,
+        )
+    assert scheduler.last_epoch == 2 and optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+
+
 # ---------------------------------------------------------------- evaluate
 
 
@@ -264,23 +322,6 @@ def test_evaluate_a_model(name, iou_types, synthetic_root):
 
 
 # ---------------------------------------------------------------- fit
-
-
-def run_config(synthetic_root: Path, out: Path) -> TrainConfig:
-    return TrainConfig(
-        model="maskrcnn_mobilenet_v2_fpn",
-        weights=None,
-        weights_backbone=None,
-        model_options=dict(SMALL),
-        data_root=str(synthetic_root),
-        num_test=3,
-        epochs=2,
-        batch_size=2,
-        workers=0,
-        out=str(out),
-        print_freq=1,
-        threads=1,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -359,25 +400,10 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, monkeypatch
     cfg_a, run_a, _ = full_run
     cfg = run_config(Path(cfg_a.data_root), tmp_path / "run_b")
 
-    class Interrupted(Exception):
-        pass
-
-    real_evaluate = trainer_module.evaluate
-    calls = []
-
-    def evaluate_then_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # epoch 2 trained, its evaluation "crashes"
-            raise Interrupted
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_stop)
-    with pytest.raises(Interrupted):
-        fit(cfg, progress=False, log=lambda s: None)
+    fit_until_second_evaluation(monkeypatch, cfg)
     run_b = Path(cfg.out)
     assert load_checkpoint(run_b)["epoch"] == 0
     assert len(json.loads((run_b / "metrics.json").read_text())) == 1
-    monkeypatch.setattr(trainer_module, "evaluate", real_evaluate)
 
     logs: list[str] = []
     assert fit(resume=run_b, progress=False, log=logs.append) == run_b
@@ -422,21 +448,7 @@ def test_ema_is_what_is_evaluated_saved_and_resumed(landscape_root, tmp_path, mo
     result = evaluate(model, test_loader, "cpu", progress=False, verbose=False)
     assert result.stats["segm"]["AP"] == a["history"][-1]["segm_AP"]
 
-    class Interrupted(Exception):
-        pass
-
-    real_evaluate, calls = trainer_module.evaluate, []
-
-    def evaluate_then_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise Interrupted
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_stop)
-    with pytest.raises(Interrupted):
-        fit(ema_config(tmp_path / "b"), progress=False, log=lambda s: None)
-    monkeypatch.setattr(trainer_module, "evaluate", real_evaluate)
+    fit_until_second_evaluation(monkeypatch, ema_config(tmp_path / "b"))
     b = load_checkpoint(fit(resume=tmp_path / "b", progress=False, log=lambda s: None) / "last.pt")
     assert b["ema_updates"] == 4
     for key in ("model", "train_model"):

@@ -101,7 +101,12 @@ def train(
         return
     if recipe == "auto":
         recipe = "tutorial" if torch.cuda.is_available() else "cpu"
-        if recipe == "cpu":
+        if recipe == "tutorial":
+            typer.echo(
+                f"GPU found ({torch.cuda.get_device_name()}): using the tutorial's recipe "
+                "(maskrcnn_resnet50_fpn, COCO weights, 10 epochs). --recipe cpu runs the CPU one."
+            )
+        else:
             typer.echo(
                 "no GPU found: using the CPU recipe (Mask R-CNN on an ImageNet MobileNetV2-FPN "
                 "backbone, tuned for 2 cores; see BENCHMARKS.md). --recipe tutorial runs the "

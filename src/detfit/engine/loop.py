@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -64,6 +65,7 @@ def train_one_epoch(
     max_iters: int | None = None,
     progress: bool = True,
     ema: Any = None,
+    loss_weights: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """One pass over ``data_loader``; returns the mean of each loss and seconds per iteration.
 
@@ -71,8 +73,10 @@ def train_one_epoch(
     references: a linear warm-up during epoch 0 only. ``max_iters`` cuts the epoch short (smoke
     runs). ``ema`` (an ``AveragedModel``) is updated after every step. Non-finite losses skip
     the step; several in a row stop training with a message instead of training on NaN.
+    ``loss_weights`` scales named losses (e.g. ``{"loss_mask": 2.0}``); the others count once.
     """
     device = torch.device(device)
+    weights = loss_weights or {}
     model.train()
     if lr_scheduler == "reference":
         lr_scheduler = reference_warmup(optimizer, data_loader) if epoch == 0 else None
@@ -94,7 +98,13 @@ def train_one_epoch(
         images, targets = move_to([_as_float_image(im) for im in images], targets, device)
         with torch.autocast(device_type=device.type, enabled=scaler is not None):
             loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
+            unknown = set(weights) - set(loss_dict)
+            if unknown:
+                raise DetfitError(
+                    f"loss_weights: {', '.join(sorted(unknown))} not among this model's losses "
+                    f"({', '.join(loss_dict)})"
+                )
+            loss = sum(v * weights.get(k, 1.0) for k, v in loss_dict.items())
         if not math.isfinite(loss.item()):
             nonfinite += 1
             skipped += 1
@@ -124,7 +134,11 @@ def train_one_epoch(
         if ema is not None:
             ema.update_parameters(model)
         if lr_scheduler is not None:
-            lr_scheduler.step()
+            with warnings.catch_warnings():
+                # AMP's GradScaler skips the optimizer step after an overflow (typically the
+                # first steps); the schedule advances per iteration all the same, as intended
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+                lr_scheduler.step()
         steps += 1
         for k, v in loss_dict.items():
             sums[k] += v.item()

@@ -115,6 +115,17 @@ def options_for_data(
     return options
 
 
+def loss_weights_for(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, float]:
+    """The recipe's loss weights that apply to ``cfg.model``: a box model ignores ``loss_mask``
+    (and a model without keypoints ``loss_keypoint``), with one line saying so."""
+    spec = get_spec(cfg.model)
+    absent = {"loss_mask": not spec.has_masks, "loss_keypoint": not spec.has_keypoints}
+    dropped = [k for k in cfg.loss_weights if absent.get(k)]
+    if dropped:
+        log(f"{cfg.model} computes no {', '.join(dropped)}: ignoring its loss weight")
+    return {k: v for k, v in cfg.loss_weights.items() if k not in dropped}
+
+
 def fit(
     cfg: TrainConfig | None = None,
     *,
@@ -167,6 +178,7 @@ def fit(
     scheduler = build_scheduler(cfg, optimizer, iters_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
     metric_key = "segm_AP" if "segm" in iou_types_for(model) else "bbox_AP"
+    loss_weights = loss_weights_for(cfg, log)
 
     start_epoch, history, best, minutes_before = 0, [], -1.0, 0.0
     if ckpt:
@@ -206,6 +218,7 @@ def fit(
             max_iters=cfg.max_iters_per_epoch,
             progress=progress,
             ema=ema,
+            loss_weights=loss_weights,
         )
         result = evaluate(
             eval_model, test_loader, device, classes=data.classes, progress=progress, verbose=False

@@ -1,0 +1,135 @@
+"""Screen variants of a recipe side by side: AP after every epoch for each, in one table.
+
+Each variant is a set of overrides on a named recipe (``model_options`` are merged into the
+recipe's, the rest replace). Variants run as parallel processes on one device, which is how they
+can be screened on a borrowed GPU in minutes; AP per epoch does not depend on the hardware, so a
+winner is then timed with ``benchmarks/cpu_recipe.py`` on the CPU it is meant for.
+
+    python benchmarks/recipe_sweep.py benchmarks/sweeps/cpu_recipe.yaml \\
+        --data-root ../shared/data/PennFudanPed --out runs/sweep --deadline-min 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from detfit.config import RECIPES, recipe_config
+
+
+def variant_config(recipe: str, overrides: dict[str, Any], **extra: Any):
+    base_options = RECIPES[recipe].get("model_options", {})
+    options = {**base_options, **overrides.get("model_options", {})}
+    rest = {k: v for k, v in overrides.items() if k != "model_options"}
+    return recipe_config(recipe, **{**rest, **extra, "model_options": options})
+
+
+def run_one(args: argparse.Namespace) -> None:
+    from detfit.engine import fit
+
+    spec = yaml.safe_load(Path(args.variants).read_text())
+    overrides = spec["variants"][args.one] or {}
+    cfg = variant_config(
+        spec.get("recipe", "cpu"),
+        overrides,
+        data_root=args.data_root,
+        out=str(Path(args.out) / args.one),
+        threads=args.threads,
+    )
+    fit(cfg, progress=False)
+
+
+def collect(out: Path, names: list[str]) -> dict[str, list[dict[str, float]]]:
+    keep = ("epoch", "minutes", "train_loss", "train_seconds_per_iter")
+    table = {}
+    for name in names:
+        path = out / name / "metrics.json"
+        try:
+            rows = json.loads(path.read_text())
+        except (OSError, ValueError):
+            rows = []
+        table[name] = [
+            {k: v for k, v in r.items() if k in keep or k.split("_")[0] in ("bbox", "segm")}
+            for r in rows
+        ]
+    return table
+
+
+def print_table(table: dict[str, list[dict[str, float]]]) -> None:
+    epochs = max((len(rows) for rows in table.values()), default=0)
+    width = max((len(n) for n in table), default=8)
+    print(f"{'variant':{width}}  " + "  ".join(f"ep{e + 1:<2d} box/segm" for e in range(epochs)))
+    for name, rows in table.items():
+        cells = [f"{r['bbox_AP']:.3f}/{r['segm_AP']:.3f}" for r in rows]
+        print(f"{name:{width}}  " + "  ".join(f"{c:13s}" for c in cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", help="YAML: {recipe: NAME, variants: {name: overrides}}")
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--only", nargs="*", help="run these variants only")
+    parser.add_argument("--deadline-min", type=float, default=60.0, help="stop all after this")
+    parser.add_argument("--summary", type=Path, help="JSON file rewritten while the sweep runs")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per variant")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        run_one(args)
+        return
+
+    spec = yaml.safe_load(Path(args.variants).read_text())
+    names = args.only or list(spec["variants"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name in names:
+        log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        cmd = [
+            sys.executable,
+            __file__,
+            args.variants,
+            "--one",
+            name,
+            "--data-root",
+            args.data_root,
+            "--out",
+            str(out),
+            "--threads",
+            str(args.threads),
+        ]
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+    start = time.monotonic()
+    while any(p.poll() is None for p, _ in procs.values()):
+        if time.monotonic() - start > args.deadline_min * 60:
+            print(f"deadline of {args.deadline_min} min reached: stopping the variants left")
+            for p, _ in procs.values():
+                p.kill()
+            break
+        time.sleep(10)
+        if args.summary:
+            args.summary.write_text(json.dumps(collect(out, names)))
+    for name, (p, log) in procs.items():
+        p.wait()
+        log.close()
+        if p.returncode not in (0, -9):
+            tail = (out / f"{name}.log").read_text().splitlines()[-3:]
+            print(f"{name}: exit {p.returncode}: {' | '.join(tail)}")
+    table = collect(out, names)
+    if args.summary:
+        args.summary.write_text(json.dumps(table))
+    print(f"{len(names)} variants, {(time.monotonic() - start) / 60:.1f} min, pid {os.getpid()}")
+    print_table(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The CUDA paths: training on a GPU with and without mixed precision, resume there, and a GPU
+checkpoint used on the CPU. Skipped where no GPU is present (CI never has one); run on a GPU
+machine with ``pytest tests/test_cuda.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import fit_until_second_evaluation, run_config, run_main
+from detfit.config import TrainConfig
+from detfit.engine import fit
+from detfit.engine.checkpoint import load_checkpoint
+from detfit.models import rebuild_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda_config(root: Path, out: Path, **changes) -> TrainConfig:
+    return dataclasses.replace(run_config(root, out), device="cuda", ema_decay=0.9, **changes)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_fit_on_cuda_and_use_the_checkpoint_on_the_cpu(synthetic_root, tmp_path, amp):
+    logs: list[str] = []
+    run = fit(
+        cuda_config(synthetic_root, tmp_path / "run", amp=amp), progress=False, log=logs.append
+    )
+    assert any("device cuda" in line for line in logs)
+    history = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in history] == [0, 1]
+    assert all(math.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in history)
+    assert all(0.0 <= r["segm_AP"] <= 1.0 or r["segm_AP"] == -1.0 for r in history)
+
+    ckpt = load_checkpoint(run / "last.pt")  # mapped to the CPU
+    assert (ckpt["scaler"] is not None) == amp
+    if amp:
+        assert ckpt["scaler"]["scale"] > 0
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values())
+    model = rebuild_model(ckpt["model_info"], ckpt["model"]).eval()
+    image = torch.rand(3, 80, 64)
+    with torch.no_grad():
+        cpu_out = model([image])[0]
+        gpu_out = model.cuda()([image.cuda()])[0]
+    assert set(cpu_out) == {"boxes", "labels", "scores", "masks"}
+    assert gpu_out["boxes"].device.type == "cuda"
+    assert cpu_out["masks"].shape[1:] == (1, 80, 64)
+
+
+def test_resume_on_cuda_restores_scaler_and_ema(synthetic_root, tmp_path, monkeypatch):
+    cfg = cuda_config(synthetic_root, tmp_path / "run", amp=True, max_iters_per_epoch=2)
+
+    fit_until_second_evaluation(monkeypatch, cfg)
+    first = load_checkpoint(tmp_path / "run")
+    assert first["epoch"] == 0 and first["ema_updates"] == 2
+    logs: list[str] = []
+    fit(resume=tmp_path / "run", progress=False, log=logs.append)
+    last = load_checkpoint(tmp_path / "run")
+    assert last["epoch"] == 1 and last["ema_updates"] == 4
+    assert last["scaler"]["scale"] > 0
+    assert any(line.startswith("resuming") for line in logs)
+
+
+def test_cli_predict_on_cuda(synthetic_root, tmp_path, monkeypatch, capsys):
+    run = fit(
+        cuda_config(synthetic_root, tmp_path / "run", epochs=1, max_iters_per_epoch=2),
+        progress=False,
+        log=lambda s: None,
+    )
+    image = next((synthetic_root / "PNGImages").glob("*.png"))
+    code, out, err = run_main(
+        monkeypatch,
+        capsys,
+        "predict",
+        run / "last.pt",
+        image,
+        "--out",
+        tmp_path / "pred",
+        "--device",
+        "cuda",
+        "--score-threshold",
+        "0",
+    )
+    assert code == 0, err
+    assert f"wrote 2 files to {tmp_path / 'pred'}" in out
+    assert (tmp_path / "pred" / f"{image.stem}.png").is_file()
+    record = json.loads((tmp_path / "pred" / f"{image.stem}.json").read_text())
+    with Image.open(image) as img:
+        assert (record["width"], record["height"]) == img.size
+    assert all(d["class"] == "person" for d in record["detections"])
