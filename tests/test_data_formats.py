@@ -19,7 +19,15 @@ from pycocotools.cocoeval import COCOeval
 import detfit.predict as predict_module
 from conftest import SMALL, TINY, run_main
 from detfit.config import TrainConfig
-from detfit.data import DatasetSpec, DetectionDataset, check, train_transforms, write_coco
+from detfit.data import (
+    DatasetSpec,
+    DetectionDataset,
+    PennFudanDataset,
+    check,
+    train_transforms,
+    write_coco,
+)
+from detfit.data.formats.masks import read_mask_folder
 from detfit.data.synthetic import COCO_CATEGORY_IDS, SYNTHETIC_CLASSES, write_all_formats
 from detfit.engine import fit
 from detfit.errors import DetfitError
@@ -674,3 +682,17 @@ def test_a_box_model_drops_the_recipes_mask_head_options(formats, tmp_path):
     assert "fasterrcnn_mobilenet_v2_fpn computes no loss_mask: ignoring its loss weight" in logs
     info = torch.load(run / "last.pt", weights_only=True)["model_info"]
     assert not any(k.startswith("mask_") for k in info["options"])
+
+
+def test_mask_folder_boxes_are_one_pixel_wider_than_the_tutorials(synthetic_root):
+    """What the README says: boxes from masks cover whole pixels (COCO's convention) while the
+    tutorial's PennFudanDataset keeps masks_to_boxes, so `data check/convert pennfudan` boxes are
+    exactly 1 px wider and taller than the trained ones, and nothing else differs."""
+    tutorial = PennFudanDataset(synthetic_root)
+    folder = read_mask_folder(synthetic_root)
+    assert len(folder.images) == len(tutorial) > 0
+    for index, record in enumerate(folder.images):
+        _, target = tutorial[index]
+        boxes = torch.tensor([inst.box for inst in record.instances])
+        assert boxes.shape == target["boxes"].shape
+        torch.testing.assert_close(boxes - torch.tensor([0, 0, 1, 1.0]), target["boxes"].float())

@@ -52,6 +52,7 @@ def rasterize(instance: Instance, height: int, width: int, ids: torch.Tensor | N
 
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Box around ``mask``'s pixels in COCO's convention: edges on pixel edges, so x2 = last + 1."""
     ys, xs = np.nonzero(mask)
     if not len(xs):
         return None
