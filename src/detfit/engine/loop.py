@@ -51,6 +51,17 @@ def reference_warmup(optimizer, data_loader) -> torch.optim.lr_scheduler.LRSched
     )
 
 
+def _step_schedule(lr_scheduler: Any) -> None:
+    """Advance the per-iteration schedule even when no optimizer step was taken.
+
+    A skipped step (non-finite loss, or AMP's GradScaler after an overflow, typically on the
+    first steps) makes torch warn that the scheduler ran first; here that is intended.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+        lr_scheduler.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -115,7 +126,7 @@ def train_one_epoch(
                     f"iteration {i}): lower the learning rate or set clip_grad_norm"
                 )
             if lr_scheduler is not None:  # keep the per-iteration schedule on the clock
-                lr_scheduler.step()
+                _step_schedule(lr_scheduler)
             continue
         nonfinite = 0
         optimizer.zero_grad(set_to_none=True)
@@ -134,11 +145,7 @@ def train_one_epoch(
         if ema is not None:
             ema.update_parameters(model)
         if lr_scheduler is not None:
-            with warnings.catch_warnings():
-                # AMP's GradScaler skips the optimizer step after an overflow (typically the
-                # first steps); the schedule advances per iteration all the same, as intended
-                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
-                lr_scheduler.step()
+            _step_schedule(lr_scheduler)
         steps += 1
         for k, v in loss_dict.items():
             sums[k] += v.item()
