@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from detfit.config import RECIPES, recipe_config
+from detfit.fileio import atomic_write_text
 
 
 def variant_config(recipe: str, overrides: dict[str, Any], **extra: Any):
@@ -68,7 +68,7 @@ def print_table(table: dict[str, list[dict[str, float]]]) -> None:
     width = max((len(n) for n in table), default=8)
     print(f"{'variant':{width}}  " + "  ".join(f"ep{e + 1:<2d} box/segm" for e in range(epochs)))
     for name, rows in table.items():
-        cells = [f"{r['bbox_AP']:.3f}/{r['segm_AP']:.3f}" for r in rows]
+        cells = [f"{r['bbox_AP']:.3f}/{r.get('segm_AP', float('nan')):.3f}" for r in rows]
         print(f"{name:{width}}  " + "  ".join(f"{c:13s}" for c in cells))
 
 
@@ -117,18 +117,22 @@ def main() -> None:
             break
         time.sleep(10)
         if args.summary:
-            args.summary.write_text(json.dumps(collect(out, names)))
+            atomic_write_text(args.summary, json.dumps(collect(out, names)))
+    failed = []
     for name, (p, log) in procs.items():
         p.wait()
         log.close()
-        if p.returncode not in (0, -9):
+        if p.returncode not in (0, -9):  # -9: stopped at the deadline, its epochs still count
+            failed.append(name)
             tail = (out / f"{name}.log").read_text().splitlines()[-3:]
             print(f"{name}: exit {p.returncode}: {' | '.join(tail)}")
     table = collect(out, names)
     if args.summary:
-        args.summary.write_text(json.dumps(table))
-    print(f"{len(names)} variants, {(time.monotonic() - start) / 60:.1f} min, pid {os.getpid()}")
+        atomic_write_text(args.summary, json.dumps(table))
+    print(f"{len(names)} variants, {(time.monotonic() - start) / 60:.1f} min")
     print_table(table)
+    if failed:
+        sys.exit(f"{len(failed)} variant(s) failed: {', '.join(failed)} (see their .log in {out})")
 
 
 if __name__ == "__main__":

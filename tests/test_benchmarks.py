@@ -44,7 +44,11 @@ def test_sweep_runs_variants_in_parallel_and_summarises(synthetic_root, tmp_path
         "workers": 0,
         "model_options": dict(SMALL),
     }
-    variants = {"plain": tiny, "mask_x3": {**tiny, "loss_weights": {"loss_mask": 3.0}}}
+    variants = {
+        "plain": tiny,
+        "mask_x3": {**tiny, "loss_weights": {"loss_mask": 3.0}},
+        "typo": {**tiny, "loss_weights": {"loss_msk": 3.0}},  # fails at its first iteration
+    }
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({"recipe": "cpu", "variants": variants}, sort_keys=False))
     summary = tmp_path / "summary.json"
@@ -64,16 +68,19 @@ def test_sweep_runs_variants_in_parallel_and_summarises(synthetic_root, tmp_path
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    # the failed variant makes the sweep fail, naming it; the others' results still come back
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 variant(s) failed: typo" in result.stderr
     table = json.loads(summary.read_text())
-    assert list(table) == ["plain", "mask_x3"]
-    for rows in table.values():
+    assert list(table) == ["plain", "mask_x3", "typo"] and table["typo"] == []
+    for rows in (table["plain"], table["mask_x3"]):
         assert [r["epoch"] for r in rows] == [0, 1]
         assert all(-1.0 <= r["segm_AP"] <= 1.0 and r["train_loss"] > 0 for r in rows)
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("2 variants, ")
-    assert lines[1].split()[:3] == ["variant", "ep1", "box/segm"]
-    assert [line.split()[0] for line in lines[2:4]] == ["plain", "mask_x3"]
+    assert lines[0].startswith("typo: exit 1: ") and "loss_msk not among" in lines[0]
+    assert lines[1].startswith("3 variants, ")
+    assert lines[2].split()[:3] == ["variant", "ep1", "box/segm"]
+    assert [line.split()[0] for line in lines[3:6]] == ["plain", "mask_x3", "typo"]
     cfg = TrainConfig.load(tmp_path / "out" / "mask_x3" / "config.yaml")
     assert cfg.loss_weights == {"loss_mask": 3.0} and cfg.model_options["fpn_channels"] == 32
     assert cfg.model_options["box_batch_size_per_image"] == SMALL["box_batch_size_per_image"]

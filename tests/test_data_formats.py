@@ -682,6 +682,12 @@ def test_a_box_model_drops_the_recipes_mask_head_options(formats, tmp_path):
     assert "fasterrcnn_mobilenet_v2_fpn computes no loss_mask: ignoring its loss weight" in logs
     info = torch.load(run / "last.pt", weights_only=True)["model_info"]
     assert not any(k.startswith("mask_") for k in info["options"])
+    # loss_classifier x 1.5 still counts: the minimised loss is the sum plus half of it
+    (row,) = json.loads((run / "metrics.json").read_text())
+    losses = {k: v for k, v in row.items() if k.startswith("train_loss_")}
+    assert "train_loss_mask" not in losses and len(losses) == 4
+    expected = sum(losses.values()) + 0.5 * row["train_loss_classifier"]
+    assert row["train_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_mask_folder_boxes_are_one_pixel_wider_than_the_tutorials(synthetic_root):

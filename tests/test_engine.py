@@ -230,8 +230,6 @@ def test_loss_weights_scale_the_gradient_of_named_losses(monkeypatch):
 def test_a_step_skipped_by_the_amp_scaler_keeps_the_schedule_quietly(monkeypatch):
     """GradScaler skips optimizer.step() after an overflow; the lr schedule still advances and
     torch's "lr_scheduler.step() before optimizer.step()" warning is not shown."""
-    import warnings
-
     model = nn.Linear(1, 1)
 
     class SkippingScaler:  # what GradScaler does on an overflow: no optimizer.step()

@@ -36,6 +36,7 @@ from detfit.engine.loop import evaluate, iou_types_for, train_one_epoch
 from detfit.errors import DetfitError
 from detfit.fileio import atomic_write_text
 from detfit.models import build_model, get_spec, model_info, rebuild_model
+from detfit.models.situation_b import MASK_HEAD_OPTIONS
 from detfit.paths import DEFAULT_RUNS_DIR
 
 
@@ -89,9 +90,6 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
-
-
-MASK_HEAD_OPTIONS = ("mask_head_channels", "mask_head_norm", "mask_levels")
 
 
 def options_for_data(

@@ -22,6 +22,7 @@ from detfit.models.options import apply_post_build, constructor_options
 from detfit.models.weights import NO_WEIGHTS
 
 HEADS = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
+MASK_HEAD_OPTIONS = ("mask_head_channels", "mask_head_norm", "mask_levels")  # Mask R-CNN only
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 
@@ -70,9 +71,7 @@ def build_detector(
     if not fpn and (num_levels is not None or fpn_channels is not None):
         raise DetfitError(f"{name}: num_levels/fpn_channels need an FPN ({name}_fpn)")
     if head != "maskrcnn" and (mask_head_channels != 256 or mask_head_norm or mask_levels):
-        raise DetfitError(
-            f"{name}: mask_head_channels/mask_head_norm/mask_levels are Mask R-CNN options"
-        )
+        raise DetfitError(f"{name}: {'/'.join(MASK_HEAD_OPTIONS)} are Mask R-CNN options")
     fpn_channels = fpn_channels or 256
     backbone = build_backbone(
         backbone_name,
