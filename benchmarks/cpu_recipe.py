@@ -29,7 +29,7 @@ def report(run: Path, wall_min: float | None = None) -> None:
     print("epoch  minutes  bbox AP  AP50   segm AP  AP50   loss   s/iter  eval s/img  peak RSS MiB")
     for r in rows:
         print(
-            f"{r['epoch'] + 1:5d}  {r['minutes']:7.1f}  {r['bbox_AP']:.3f}   {r['bbox_AP50']:.3f}  "
+            f"{r['epoch']:5d}  {r['minutes']:7.1f}  {r['bbox_AP']:.3f}   {r['bbox_AP50']:.3f}  "
             f"{r['segm_AP']:.3f}    {r['segm_AP50']:.3f}  {r['train_loss']:.3f}  "
             f"{r['train_seconds_per_iter']:6.2f}  {r['eval_seconds_per_image']:10.3f}  "
             f"{r['peak_rss_mb']:12.0f}"
@@ -37,7 +37,7 @@ def report(run: Path, wall_min: float | None = None) -> None:
     hit = next((r for r in rows if all(r[k] >= v for k, v in TARGET.items())), None)
     if hit:
         print(
-            f"target reached after epoch {hit['epoch'] + 1} at {hit['minutes']:.1f} min "
+            f"target reached after epoch {hit['epoch']} at {hit['minutes']:.1f} min "
             f"(bbox {hit['bbox_AP']:.3f}, segm {hit['segm_AP']:.3f})"
         )
     else:

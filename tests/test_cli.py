@@ -199,7 +199,7 @@ def test_train_writes_a_run_folder(trained_run):
     assert cfg.loss_weights == {"loss_mask": 2.0, "loss_box_reg": 1.5}
     assert cfg.ema_decay == 0.99 and cfg.photometric
     history = json.loads((run_dir / "metrics.json").read_text())
-    assert len(history) == 1 and history[0]["epoch"] == 0
+    assert len(history) == 1 and history[0]["epoch"] == 1
 
 
 def test_eval_prints_the_stats(trained_run, tmp_path):

@@ -367,10 +367,10 @@ def test_fit_writes_a_complete_run_folder(full_run):
     assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]
 
     history = json.loads((run_dir / "metrics.json").read_text())
-    assert [row["epoch"] for row in history] == [0, 1]
+    assert [row["epoch"] for row in history] == [1, 2]  # counted from 1, as the log lines
     with open(run_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     for row, json_row in zip(rows, history, strict=True):
         assert set(STAT_COLUMNS) <= set(row) and set(STAT_COLUMNS) <= set(json_row)
         for column in STAT_COLUMNS + ["train_loss", "train_lr"]:
@@ -388,7 +388,10 @@ def test_fit_writes_a_complete_run_folder(full_run):
     best = load_checkpoint(run_dir / "best.pt")
     aps = [row["segm_AP"] for row in history]
     assert best["epoch"] == aps.index(max(aps))
-    assert best["best"] == last["best"] == max(aps)
+    best_of = [c["callbacks"]["Checkpointer"]["best"] for c in (best, last)]
+    assert best_of == [max(aps), max(aps)]
+    assert last["world_size"] == history[0]["world_size"] == 1
+    assert history[0]["global_batch_size"] == cfg.batch_size
     model = rebuild_model(last["model_info"], last["model"])
     assert sum(p.numel() for p in model.parameters()) > 0
     assert [line.split(":")[0] for line in logs if line.startswith("epoch ")] == [
@@ -408,7 +411,7 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, monkeypatch
 
     logs: list[str] = []
     assert fit(resume=run_b, progress=False, log=logs.append) == run_b
-    assert any(line.startswith(f"resuming {run_b} at epoch 1") for line in logs)
+    assert f"resuming {run_b} after epoch 1 (of 2 epochs)" in logs
 
     a, b = load_checkpoint(run_a), load_checkpoint(run_b)
     assert b["epoch"] == 1
@@ -422,7 +425,7 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, monkeypatch
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
     assert [deterministic(r) for r in a["history"]] == [deterministic(r) for r in b["history"]]
     history_b = json.loads((run_b / "metrics.json").read_text())
-    assert [row["epoch"] for row in history_b] == [0, 1]
+    assert [row["epoch"] for row in history_b] == [1, 2]
     assert TrainConfig.load(run_b / "config.yaml") == cfg
 
 
@@ -438,20 +441,20 @@ def test_ema_is_what_is_evaluated_saved_and_resumed(landscape_root, tmp_path, mo
 
     run_a = fit(ema_config(tmp_path / "a"), progress=False, log=lambda s: None)
     a = load_checkpoint(run_a / "last.pt")
-    assert a["ema_updates"] == 4  # 2 epochs x 2 steps
+    assert a["callbacks"]["EMA"]["updates"] == 4  # 2 epochs x 2 steps
     floats = [k for k, v in a["model"].items() if v.is_floating_point()]
     assert any(not torch.equal(a["model"][k], a["train_model"][k]) for k in floats)
     # the metrics are the averaged model's: evaluating "model" again reproduces them
     cfg = ema_config(tmp_path / "unused")
     data = trainer_module.build_datasets(cfg, log=lambda s: None)
-    _, test_loader = trainer_module.build_loaders(cfg, data)
+    test_loader = trainer_module.build_loaders(cfg, data).test
     model = rebuild_model(a["model_info"], a["model"])
     result = evaluate(model, test_loader, "cpu", progress=False, verbose=False)
     assert result.stats["segm"]["AP"] == a["history"][-1]["segm_AP"]
 
     fit_until_second_evaluation(monkeypatch, ema_config(tmp_path / "b"))
     b = load_checkpoint(fit(resume=tmp_path / "b", progress=False, log=lambda s: None) / "last.pt")
-    assert b["ema_updates"] == 4
+    assert b["callbacks"]["EMA"]["updates"] == 4
     for key in ("model", "train_model"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)

@@ -25,7 +25,7 @@ from conftest import TINY
 from detfit.data import PennFudanDataset, eval_transforms
 from detfit.errors import DetfitError
 from detfit.models import MODELS, build_model, model_info, rebuild_model
-from detfit.models.heads import CLASS_DEPENDENT_PREFIXES
+from detfit.models.class_layers import CLASS_DEPENDENT_PREFIXES
 from detfit.models.weights import cached_weights_path, load_state_dict_file, weights_filename
 
 # Fewer proposals and detections than torchvision's defaults: the mask head dominates CPU time.

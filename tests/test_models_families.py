@@ -23,7 +23,7 @@ from conftest import FAST_EVAL, TINY
 from detfit.data import PennFudanDataset, eval_transforms
 from detfit.errors import DetfitError
 from detfit.models import MODELS, build_model, model_info, rebuild_model
-from detfit.models.heads import class_dependent_modules
+from detfit.models.class_layers import class_dependent_modules
 from detfit.models.registry import TORCHVISION
 from detfit.models.weights import weights_filename
 from test_models import FAST, randomized_state

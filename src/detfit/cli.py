@@ -81,8 +81,15 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<model>[-N]).")] = None,
     resume: Annotated[
-        Path | None, typer.Option(help="Continue the run in this folder at its next epoch.")
+        Path | None,
+        typer.Option(
+            help="Continue the run in this folder where its last.pt stopped (mid-epoch too); "
+            "with --epochs N, extend a finished run to N epochs."
+        ),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start over in an --out folder that already holds a run.")
+    ] = False,
     set_: Annotated[
         list[str],
         typer.Option("--set", help="Any setting as KEY=VALUE, e.g. model_options.min_size=512."),
@@ -92,22 +99,52 @@ def train(
     """Fine-tune (Penn-Fudan by default, or --data), with a COCO evaluation after every epoch."""
     import torch
 
+    from detfit import distributed
     from detfit.config import RECIPES, TrainConfig, recipe_config
-    from detfit.engine import fit
+    from detfit.engine import Trainer
 
+    say = typer.echo if distributed.env_is_main() else (lambda *a, **k: None)
     if resume is not None:
-        run_dir = fit(resume=resume, progress=not quiet)
-        typer.echo(f"done: {run_dir}")
+        given = dict(
+            epochs=epochs,
+            workers=workers,
+            device=device,
+            data_root=str(data_root) if data_root else None,
+            dataset=data,
+            model=model,
+            weights=weights,
+            weights_backbone=weights_backbone,
+            batch_size=batch_size,
+            lr=lr,
+            out=str(out) if out else None,
+        )
+        if config is not None or recipe != "auto" or overwrite:
+            raise DetfitError(
+                "--resume continues a run with its own settings: --config, --recipe and "
+                "--overwrite do not apply (start a new run instead)"
+            )
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise DetfitError(f"--resume {resume}: the run continues in its own folder, not --out")
+        sets: dict[str, Any] = {}
+        _apply_sets(sets, set_)
+        if any(isinstance(v, dict) for v in sets.values()):
+            raise DetfitError(
+                f"--resume {resume}: nested settings cannot change when a run continues"
+            )
+        overrides = {k: v for k, v in {**given, **sets}.items() if v is not None}
+        trainer = Trainer(resume=resume, overrides=overrides, progress=not quiet)
+        run_dir = trainer.fit()
+        say(f"done: {run_dir} (best.pt, last.pt, metrics.csv, config.yaml)")
         return
     if recipe == "auto":
         recipe = "tutorial" if torch.cuda.is_available() else "cpu"
         if recipe == "tutorial":
-            typer.echo(
+            say(
                 f"GPU found ({torch.cuda.get_device_name()}): using the tutorial's recipe "
                 "(maskrcnn_resnet50_fpn, COCO weights, 10 epochs). --recipe cpu runs the CPU one."
             )
         else:
-            typer.echo(
+            say(
                 "no GPU found: using the CPU recipe (Mask R-CNN on an ImageNet MobileNetV2-FPN "
                 "backbone, tuned for 2 cores; see BENCHMARKS.md). --recipe tutorial runs the "
                 "tutorial's ResNet-50 recipe instead."
@@ -115,6 +152,7 @@ def train(
     if recipe not in RECIPES:
         raise DetfitError(f"unknown recipe {recipe!r}; choose auto, {', '.join(RECIPES)}")
     settings = TrainConfig.load(config).to_dict() if config else recipe_config(recipe).to_dict()
+    settings.pop("out", None)  # a run's own config.yaml names its folder: start a new one
     overrides = dict(
         dataset=data,
         data_root=str(data_root) if data_root else None,
@@ -131,8 +169,8 @@ def train(
     settings.update({k: v for k, v in overrides.items() if v is not None})
     _apply_sets(settings, set_)
     cfg = TrainConfig.from_dict(settings, "--set")
-    run_dir = fit(cfg, progress=not quiet)
-    typer.echo(f"done: {run_dir} (best.pt, last.pt, metrics.csv, config.yaml)")
+    run_dir = Trainer(cfg, overwrite=overwrite, progress=not quiet).fit()
+    say(f"done: {run_dir} (best.pt, last.pt, metrics.csv, config.yaml)")
 
 
 @app.command("eval")
@@ -148,32 +186,17 @@ def eval_(
         Path | None, typer.Option("--json", help="Also write the stats here.")
     ] = None,
 ) -> None:
-    """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type)."""
-    from detfit.config import TrainConfig
-    from detfit.engine.builders import build_datasets, build_loaders
-    from detfit.engine.checkpoint import load_checkpoint
-    from detfit.engine.loop import evaluate
-    from detfit.engine.trainer import resolve_device
-    from detfit.fileio import atomic_write_text
-    from detfit.models import rebuild_model
+    """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type).
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(ckpt["config"], str(checkpoint))
-    if data_root:
-        cfg.data_root = str(data_root)
-    if data:
-        cfg.dataset = data
-    datasets = build_datasets(cfg)
-    classes = ckpt["model_info"].get("classes")
-    if classes and datasets.classes != classes:
-        raise DetfitError(
-            f"{cfg.dataset}: classes {datasets.classes[1:]} differ from the checkpoint's "
-            f"{classes[1:]}"
-        )
-    _, test_loader = build_loaders(cfg, datasets)
-    dev = resolve_device(device)
-    model = rebuild_model(ckpt["model_info"], ckpt["model"]).to(dev)
-    result = evaluate(model, test_loader, dev, classes=datasets.classes, verbose=True)
+    Under torchrun (torchrun --nproc_per_node N -m detfit eval ...) the images are shared out and
+    the detections gathered: the same numbers, sooner."""
+    from detfit import distributed
+    from detfit.eval.saved import evaluate_checkpoint
+    from detfit.fileio import atomic_write_text
+
+    result = evaluate_checkpoint(checkpoint, data=data, data_root=data_root, device=device)
+    if not distributed.env_is_main():
+        return
     typer.echo(json.dumps(result.stats, indent=2))
     if json_out:
         atomic_write_text(json_out, json.dumps(result.stats, indent=2))
@@ -307,12 +330,20 @@ def models(
 
 
 def main() -> None:
-    """Console entry point: user errors are one line on stderr and exit code 2."""
+    """Console entry point: user errors are one line on stderr and exit code 2; a stopped run
+    one line saying how to resume, with 128 + the signal's number."""
+    from detfit.distributed import env_is_main
+    from detfit.errors import Interrupted
+
     try:
         app()
+    except Interrupted as exc:
+        if env_is_main():
+            typer.echo(f"detfit: {exc}", err=True)
+        sys.exit(exc.exit_code)
     except DetfitError as exc:
         typer.echo(f"detfit: error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("detfit: interrupted", err=True)
         sys.exit(130)

@@ -46,6 +46,11 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {loss_mask: 2.0}
     ema_decay: float | None = None  # evaluate a moving average of the weights (e.g. 0.99)
     amp: bool = False
+    checkpoint_every_iters: int | None = None  # also write last.pt every N training iterations
+    # torchrun: "linear" multiplies lr by the number of processes (lr is set for one process's
+    # batch); "none" keeps lr as given for the global batch of world_size x batch_size
+    lr_scaling: str = "none"
+    sync_bn: bool = False  # SyncBatchNorm under torchrun (BatchNorm layers that train)
     # running
     device: str = "auto"
     workers: int = 2
@@ -55,6 +60,9 @@ class TrainConfig:
     print_freq: int = 10
     out: str | None = None  # run folder (default runs/<model>-<n>)
     recipe: str = "tutorial"
+    # recorded by the run: set by the launch, not by you
+    world_size: int = 1
+    global_batch_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,16 @@
-"""One exception type for problems a user can fix; the CLI prints it as one line."""
+"""Exceptions the command line turns into one line on stderr instead of a traceback."""
 
 
 class DetfitError(RuntimeError):
     """A user-facing error: the message names the file/thing and the problem, no traceback."""
+
+    exit_code = 2
+
+
+class Interrupted(DetfitError):
+    """Training stopped on request (SIGTERM, Ctrl-C) after saving; the message says where and
+    how to resume. The exit code is 128 + the signal number, as a shell reports a signal."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

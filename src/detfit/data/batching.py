@@ -62,14 +62,26 @@ class GroupedBatchSampler(Sampler[list[int]]):
     Every index the sampler yields appears in exactly one batch per epoch. A group's last partial
     batch is topped up with other items of that group, as torchvision's references do, so every
     batch is full. ``sampler`` must visit each of ``group_ids``' items once per epoch.
+
+    ``exact_length=True`` gives exactly ``ceil(len(sampler) / batch_size)`` batches every epoch:
+    the groups' leftovers are batched together (neighbouring aspect ratios first) instead of one
+    partial batch per group. Distributed training needs it: every rank must take the same number
+    of steps, whatever mix of groups its shard holds this epoch.
     """
 
-    def __init__(self, sampler: Sampler[int], group_ids: Sequence[int], batch_size: int) -> None:
+    def __init__(
+        self,
+        sampler: Sampler[int],
+        group_ids: Sequence[int],
+        batch_size: int,
+        exact_length: bool = False,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.sampler = sampler
         self.group_ids = list(group_ids)
         self.batch_size = batch_size
+        self.exact_length = exact_length
 
     def __iter__(self) -> Iterator[list[int]]:
         buffers: dict[int, list[int]] = defaultdict(list)
@@ -80,6 +92,14 @@ class GroupedBatchSampler(Sampler[list[int]]):
             seen[group].append(idx)
             if len(buffers[group]) == self.batch_size:
                 yield buffers.pop(group)
+        if self.exact_length:
+            leftover = [i for group in sorted(buffers) for i in buffers[group]]
+            everything = [i for group in sorted(seen) for i in seen[group]]
+            for start in range(0, len(leftover), self.batch_size):
+                batch = leftover[start : start + self.batch_size]
+                others = [i for i in everything if i not in batch] or batch
+                yield batch + list(islice(cycle(others), self.batch_size - len(batch)))
+            return
         for group in sorted(buffers):
             leftover = buffers[group]
             others = [i for i in seen[group] if i not in leftover] or leftover
@@ -87,5 +107,7 @@ class GroupedBatchSampler(Sampler[list[int]]):
             yield leftover + list(islice(cycle(others), need))
 
     def __len__(self) -> int:
+        if self.exact_length:
+            return -(-len(self.sampler) // self.batch_size)
         counts = Counter(self.group_ids)
         return sum(-(-c // self.batch_size) for c in counts.values())

@@ -1,6 +1,8 @@
-"""Training and evaluation. ``train_one_epoch``/``evaluate`` keep the references' signatures."""
+"""Training: the :class:`Trainer` and its callbacks, and the references' ``train_one_epoch`` /
+``evaluate`` for the tutorial's own loop."""
 
+from detfit.engine.callbacks import Callback
 from detfit.engine.loop import EvaluationResult, evaluate, train_one_epoch
-from detfit.engine.trainer import fit
+from detfit.engine.trainer import Trainer, fit
 
-__all__ = ["EvaluationResult", "evaluate", "fit", "train_one_epoch"]
+__all__ = ["Callback", "EvaluationResult", "Trainer", "evaluate", "fit", "train_one_epoch"]

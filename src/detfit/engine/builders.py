@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
 from detfit.config import TrainConfig
 from detfit.data import (
     DatasetSpec,
     DetectionDataset,
-    GroupedBatchSampler,
     PennFudanDataset,
     aspect_ratio_groups,
     collate_fn,
@@ -24,6 +23,7 @@ from detfit.data import (
     train_transforms,
     validate,
 )
+from detfit.data.sampling import EpochBatches, PerItemSeed, ShardBatches
 from detfit.errors import DetfitError
 
 
@@ -82,30 +82,70 @@ def build_datasets(
     )
 
 
-def build_loaders(cfg: TrainConfig, data: Datasets, generator: torch.Generator | None = None):
-    """Training loader with aspect-ratio grouped batches; evaluation loader in order."""
-    sampler = RandomSampler(data.train, generator=generator)
-    common: dict[str, Any] = dict(num_workers=cfg.workers, collate_fn=collate_fn)
+@dataclass
+class Loaders:
+    """This process's loaders: training batches of its shard, evaluation batches of its share."""
+
+    train: DataLoader
+    test: DataLoader
+    batches: EpochBatches  # set_epoch(epoch, skip) before each epoch
+    train_items: PerItemSeed  # set_epoch(epoch) before each epoch
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.train_items.set_epoch(epoch)
+        self.batches.set_epoch(epoch, skip)
+
+
+def build_loaders(cfg: TrainConfig, data: Datasets, rank: int = 0, world_size: int = 1) -> Loaders:
+    """Training loader with aspect-ratio grouped batches of this rank's shard (reshuffled every
+    epoch from the seed); evaluation loader over this rank's share of the test batches, in order.
+
+    The loaders draw their worker seeds from their own generator, never from the global RNG:
+    creating an iterator (each epoch, or on a resume) leaves the training's RNG stream alone.
+    """
+    groups = None
     if cfg.aspect_ratio_group_factor >= 0:
         groups = aspect_ratio_groups(data.train, k=cfg.aspect_ratio_group_factor)
-        batch_sampler = GroupedBatchSampler(sampler, groups, cfg.batch_size)
-    else:
-        batch_sampler = torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=False)
-    train = DataLoader(data.train, batch_sampler=batch_sampler, **common)
-    test = DataLoader(
-        data.test, batch_size=cfg.eval_batch_size, sampler=SequentialSampler(data.test), **common
+    batches = EpochBatches(
+        len(data.train),
+        cfg.batch_size,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        group_ids=groups,
     )
-    return train, test
+    items = PerItemSeed(data.train, cfg.seed)
+    common: dict[str, Any] = dict(num_workers=cfg.workers, collate_fn=collate_fn)
+    train = DataLoader(
+        items,
+        batch_sampler=batches,
+        generator=torch.Generator().manual_seed(cfg.seed + rank),
+        **common,
+    )
+    shards = ShardBatches(len(data.test), cfg.eval_batch_size, rank, world_size)
+    test = DataLoader(data.test, batch_sampler=shards, **common)
+    return Loaders(train, test, batches, items)
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def effective_lr(cfg: TrainConfig, world_size: int) -> float:
+    """The learning rate the optimizer gets: ``lr``, times the number of processes when
+    ``lr_scaling`` is ``linear`` (``lr`` then being meant for one process's batch)."""
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * world_size
+    if cfg.lr_scaling == "none":
+        return cfg.lr
+    raise DetfitError(f"unknown lr_scaling {cfg.lr_scaling!r}; choose none or linear")
+
+
+def build_optimizer(
+    cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None
+) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     raise DetfitError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
 
 
@@ -136,10 +176,15 @@ def build_scheduler(
     decay(0)  # validate the name before training starts
 
     def factor(it: int) -> float:
-        ramp = 1.0
-        if it < warmup:
-            alpha = it / warmup
-            ramp = cfg.warmup_factor * (1 - alpha) + alpha
-        return ramp * decay(it)
+        return warmup_ramp(it, warmup, cfg.warmup_factor) * decay(it)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_ramp(it: int, warmup_iters: int, start_factor: float) -> float:
+    """The linear warm-up of torchvision's references: ``start_factor`` at iteration 0 rising to
+    1 at ``warmup_iters`` (1 throughout when there is no warm-up)."""
+    if it >= warmup_iters:
+        return 1.0
+    alpha = it / warmup_iters
+    return start_factor * (1 - alpha) + alpha

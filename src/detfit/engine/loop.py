@@ -1,5 +1,6 @@
-"""``train_one_epoch`` and ``evaluate`` with the signatures of torchvision's references, so the
-tutorial's main runs unchanged; detfit's trainer calls the same two functions."""
+"""One training step, and ``train_one_epoch``/``evaluate`` with the signatures of torchvision's
+references, so the tutorial's main runs unchanged. The :class:`~detfit.engine.trainer.Trainer`
+runs the same :class:`TrainStep` and :class:`LossMeter`; evaluation lives in :mod:`detfit.eval`."""
 
 from __future__ import annotations
 
@@ -8,14 +9,26 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from detfit import distributed
+from detfit.engine.builders import warmup_ramp
 from detfit.errors import DetfitError
-from detfit.eval.coco import CocoEvaluator
+from detfit.eval.loop import EvaluationResult, as_float_image, evaluate
+
+__all__ = [
+    "EvaluationResult",
+    "LossMeter",
+    "StepResult",
+    "TrainStep",
+    "evaluate",
+    "train_one_epoch",
+]
 
 MAX_NONFINITE_STEPS = 5  # consecutive NaN/inf losses before training stops
 
@@ -32,34 +45,170 @@ def move_to(images, targets, device: torch.device):
     return images, targets
 
 
-def _as_float_image(image):
-    """The tutorial's loaders may hand uint8 or PIL images; the model wants float in [0, 1]."""
-    if not isinstance(image, torch.Tensor):
-        from torchvision.transforms.v2 import functional as F
-
-        image = F.pil_to_tensor(image)
-    if not image.is_floating_point():
-        image = image.float() / 255.0
-    return image
-
-
 def reference_warmup(optimizer, data_loader) -> torch.optim.lr_scheduler.LRScheduler:
     """The references' first-epoch warm-up: linear from 0.001x over min(1000, len-1) iterations."""
     warmup_iters = max(1, min(1000, len(data_loader) - 1))
-    return torch.optim.lr_scheduler.LinearLR(
-        optimizer, start_factor=0.001, total_iters=warmup_iters
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: warmup_ramp(it, warmup_iters, 0.001)
     )
 
 
-def _step_schedule(lr_scheduler: Any) -> None:
-    """Advance the per-iteration schedule even when no optimizer step was taken.
+@dataclass
+class StepResult:
+    """What one step did, the same on every rank."""
 
-    A skipped step (non-finite loss, or AMP's GradScaler after an overflow, typically on the
-    first steps) makes torch warn that the scheduler ran first; here that is intended.
+    losses: dict[str, float]  # each loss (unweighted), mean over ranks; empty when skipped
+    loss: float  # the weighted sum that was minimised, mean over ranks
+    skipped: bool  # a non-finite loss on some rank: no update on any rank
+    stop: bool  # a stop (SIGTERM, Ctrl-C) was requested on some rank
+
+
+class TrainStep:
+    """One optimisation step: forward, weighted loss, one cross-rank reduction, backward, clip,
+    optimizer and per-iteration schedule.
+
+    The reduction carries the losses (reported as the mean over ranks) and the stop flag, so
+    every rank takes the same decisions without another collective: a non-finite loss on any
+    rank skips the step on every rank (never a hang in DDP), several in a row stop training with
+    a message, and a stop requested on any rank ends the run on every rank after this step.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
-        lr_scheduler.step()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device | str,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        clip_grad_norm: float | None = None,
+        loss_weights: dict[str, float] | None = None,
+        lr_scheduler: Any = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.device = torch.device(device)
+        self.scaler = scaler
+        self.clip_grad_norm = clip_grad_norm
+        self.loss_weights = loss_weights or {}
+        self.lr_scheduler = lr_scheduler
+        self.nonfinite = 0  # consecutive non-finite losses
+
+    def __call__(
+        self, images: Sequence, targets: Sequence, *, stop: bool = False, where: str = ""
+    ) -> StepResult:
+        self.model.train()
+        images, targets = move_to([as_float_image(im) for im in images], targets, self.device)
+        with torch.autocast(device_type=self.device.type, enabled=self.scaler is not None):
+            loss_dict = self.model(images, targets)
+            unknown = set(self.loss_weights) - set(loss_dict)
+            if unknown:
+                raise DetfitError(
+                    f"loss_weights: {', '.join(sorted(unknown))} not among this model's losses "
+                    f"({', '.join(loss_dict)})"
+                )
+            loss = sum(v * self.loss_weights.get(k, 1.0) for k, v in loss_dict.items())
+        reported = [v.detach().float() for v in loss_dict.values()]
+        reported += [loss.detach().float(), torch.tensor(float(stop), device=loss.device)]
+        packed = torch.stack(reported).to(distributed.collective_device())
+        mean = (distributed.all_reduce_sum(packed) / distributed.world_size()).tolist()
+        total, stop = mean[-2], mean[-1] > 0
+        if not math.isfinite(total):
+            self.nonfinite += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.nonfinite >= MAX_NONFINITE_STEPS:
+                raise DetfitError(
+                    f"loss is {total} for {self.nonfinite} iterations in a row ({where}): "
+                    "lower the learning rate or set clip_grad_norm"
+                )
+            self._step_schedule()  # keep the per-iteration schedule on the clock
+            return StepResult({}, total, skipped=True, stop=stop)
+        self.nonfinite = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.clip_grad_norm:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            self.optimizer.step()
+        self._step_schedule()
+        return StepResult(dict(zip(loss_dict, mean[:-2])), total, skipped=False, stop=stop)
+
+    def _step_schedule(self) -> None:
+        """Advance the per-iteration schedule even when no optimizer step was taken.
+
+        A skipped step (non-finite loss, or AMP's GradScaler after an overflow, typically on the
+        first steps) makes torch warn that the scheduler ran first; here that is intended.
+        """
+        if self.lr_scheduler is None:
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`")
+            self.lr_scheduler.step()
+
+
+@dataclass
+class LossMeter:
+    """Running means of an epoch's losses; its state rides in mid-epoch checkpoints so that a
+    resumed epoch reports what the uninterrupted one would."""
+
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    total: float = 0.0
+    steps: int = 0
+    skipped: int = 0
+    seconds_before: float = 0.0  # time spent in this epoch before a resume
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, result: StepResult) -> None:
+        if result.skipped:
+            self.skipped += 1
+            return
+        self.steps += 1
+        self.total += result.loss
+        for k, v in result.losses.items():
+            self.sums[k] += v
+
+    @property
+    def mean_loss(self) -> float:
+        return self.total / max(self.steps, 1)
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.start
+
+    def summary(self, lr: float) -> dict[str, float]:
+        """Mean of each loss, the lr, seconds and seconds per iteration, skipped steps."""
+        result = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        result.update(
+            loss=self.mean_loss,
+            lr=lr,
+            seconds=self.seconds,
+            seconds_per_iter=self.seconds / max(self.steps + self.skipped, 1),
+            skipped_steps=float(self.skipped),
+        )
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sums": dict(self.sums),
+            "total": self.total,
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> LossMeter:
+        meter = cls(total=state["total"], steps=state["steps"], skipped=state["skipped"])
+        meter.sums.update(state["sums"])
+        meter.seconds_before = state["seconds"]
+        return meter
 
 
 def train_one_epoch(
@@ -86,146 +235,36 @@ def train_one_epoch(
     the step; several in a row stop training with a message instead of training on NaN.
     ``loss_weights`` scales named losses (e.g. ``{"loss_mask": 2.0}``); the others count once.
     """
-    device = torch.device(device)
-    weights = loss_weights or {}
-    model.train()
     if lr_scheduler == "reference":
         lr_scheduler = reference_warmup(optimizer, data_loader) if epoch == 0 else None
-    sums: dict[str, float] = defaultdict(float)
-    steps = nonfinite = skipped = 0
-    total = 0.0
-    start = time.perf_counter()
+    step = TrainStep(
+        model,
+        optimizer,
+        device,
+        scaler=scaler,
+        clip_grad_norm=clip_grad_norm,
+        loss_weights=loss_weights,
+        lr_scheduler=lr_scheduler,
+    )
+    meter = LossMeter()
+    every = max(1, print_freq // 5)
     bar = tqdm(
         data_loader,
-        desc=f"epoch {epoch}",
-        disable=not progress,
+        desc=f"epoch {epoch + 1}",
+        disable=not progress or not distributed.is_main(),
         dynamic_ncols=True,
-        miniters=max(1, print_freq // 5),
-        leave=True,
+        miniters=every,
     )
     for i, (images, targets) in enumerate(bar):
         if max_iters is not None and i >= max_iters:
             break
-        images, targets = move_to([_as_float_image(im) for im in images], targets, device)
-        with torch.autocast(device_type=device.type, enabled=scaler is not None):
-            loss_dict = model(images, targets)
-            unknown = set(weights) - set(loss_dict)
-            if unknown:
-                raise DetfitError(
-                    f"loss_weights: {', '.join(sorted(unknown))} not among this model's losses "
-                    f"({', '.join(loss_dict)})"
-                )
-            loss = sum(v * weights.get(k, 1.0) for k, v in loss_dict.items())
-        if not math.isfinite(loss.item()):
-            nonfinite += 1
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            if nonfinite >= MAX_NONFINITE_STEPS:
-                raise DetfitError(
-                    f"loss is {loss.item()} for {nonfinite} iterations in a row (epoch {epoch}, "
-                    f"iteration {i}): lower the learning rate or set clip_grad_norm"
-                )
-            if lr_scheduler is not None:  # keep the per-iteration schedule on the clock
-                _step_schedule(lr_scheduler)
-            continue
-        nonfinite = 0
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            optimizer.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        if lr_scheduler is not None:
-            _step_schedule(lr_scheduler)
-        steps += 1
-        for k, v in loss_dict.items():
-            sums[k] += v.item()
-        total += loss.item()
-        if i % max(1, print_freq // 5) == 0 or i == len(bar) - 1:
+        result = step(images, targets, where=f"epoch {epoch + 1}, iteration {i + 1}")
+        meter.add(result)
+        if ema is not None and not result.skipped:
+            ema.update_parameters(distributed.unwrap(model))
+        if i % every == 0:
             bar.set_postfix(
-                loss=f"{total / steps:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}"
+                loss=f"{meter.mean_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}"
             )
     bar.close()
-    elapsed = time.perf_counter() - start
-    result = {k: v / max(steps, 1) for k, v in sums.items()}
-    result.update(
-        loss=total / max(steps, 1),
-        lr=optimizer.param_groups[0]["lr"],
-        seconds=elapsed,
-        seconds_per_iter=elapsed / max(steps + skipped, 1),
-        skipped_steps=float(skipped),
-    )
-    return result
-
-
-def iou_types_for(model: nn.Module) -> list[str]:
-    """bbox always; segm for mask models; keypoints for keypoint models."""
-    heads = getattr(model, "roi_heads", None)
-    types = ["bbox"]
-    if heads is not None and getattr(heads, "mask_predictor", None) is not None:
-        types.append("segm")
-    if heads is not None and getattr(heads, "keypoint_predictor", None) is not None:
-        types.append("keypoints")
-    return types
-
-
-class EvaluationResult:
-    """What ``evaluate`` returns: per-IoU-type stats, and the pycocotools objects behind them.
-
-    ``result.coco_eval["bbox"].stats`` works as with the references' CocoEvaluator.
-    """
-
-    def __init__(
-        self,
-        evaluator: CocoEvaluator,
-        stats: dict[str, dict[str, float]],
-        seconds: float,
-        num_images: int,
-    ) -> None:
-        self.evaluator = evaluator
-        self.coco_eval = evaluator.coco_eval
-        self.stats = stats
-        self.per_class = evaluator.per_class
-        self.seconds = seconds
-        self.num_images = num_images
-
-    def __repr__(self) -> str:
-        parts = [f"{t} AP {s['AP']:.3f}" for t, s in self.stats.items()]
-        return f"EvaluationResult({', '.join(parts)}, {self.num_images} images)"
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    data_loader: Iterable,
-    device: torch.device | str,
-    *,
-    iou_types: Sequence[str] | None = None,
-    classes: Sequence[str] | None = None,
-    progress: bool = True,
-    verbose: bool = True,
-) -> EvaluationResult:
-    """COCO evaluation of ``model`` on ``data_loader`` (bbox, and segm for mask models)."""
-    device = torch.device(device)
-    model.eval()
-    evaluator = CocoEvaluator(iou_types or iou_types_for(model), classes=classes)
-    start = time.perf_counter()
-    n = 0
-    for images, targets in tqdm(data_loader, desc="eval", disable=not progress, dynamic_ncols=True):
-        images = [_as_float_image(im).to(device) for im in images]
-        outputs = model(images)
-        sizes = [tuple(im.shape[-2:]) for im in images]
-        evaluator.process(targets, [{k: v.cpu() for k, v in o.items()} for o in outputs], sizes)
-        n += len(images)
-    seconds = time.perf_counter() - start
-    stats = evaluator.evaluate(verbose=verbose)  # verbose: pycocotools' summary
-    return EvaluationResult(evaluator, stats, seconds, n)
+    return meter.summary(optimizer.param_groups[0]["lr"])

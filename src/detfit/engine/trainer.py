@@ -1,22 +1,26 @@
 """The main job: train with a COCO evaluation after every epoch, writing a run folder.
 
 runs/<name>/  config.yaml  metrics.csv  metrics.json  last.pt  best.pt
+
+:class:`Trainer` owns the loop and the run's state; everything else it does (checkpoints,
+metrics files, EMA, progress, console lines, and whatever a user adds) is a callback
+(:mod:`detfit.engine.callbacks`). One process or many (torchrun) run the same code: the facts
+about ranks live in :mod:`detfit.distributed`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import random
+import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from detfit import distributed
 from detfit.config import TrainConfig
 from detfit.engine.builders import (
     Datasets,
@@ -24,26 +28,44 @@ from detfit.engine.builders import (
     build_loaders,
     build_optimizer,
     build_scheduler,
+    effective_lr,
+)
+from detfit.engine.callbacks import (
+    EMA,
+    Callback,
+    Checkpointer,
+    ConsoleLog,
+    MetricsWriter,
+    ProgressBar,
 )
 from detfit.engine.checkpoint import (
+    RUN_FILES,
+    holds_run,
     load_checkpoint,
+    remove_stale_temp_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from detfit.engine.ema import ema_model
-from detfit.engine.loop import evaluate, iou_types_for, train_one_epoch
-from detfit.errors import DetfitError
-from detfit.fileio import atomic_write_text
-from detfit.models import build_model, get_spec, model_info, rebuild_model
-from detfit.models.situation_b import MASK_HEAD_OPTIONS
+from detfit.engine.interrupt import StopRequest
+from detfit.engine.loop import LossMeter, StepResult, TrainStep
+from detfit.errors import DetfitError, Interrupted
+from detfit.eval.loop import EvaluationResult, evaluate
+from detfit.models import build_model, get_spec, iou_types, model_info, rebuild_model
+from detfit.models.backbone_detectors import MASK_HEAD_OPTIONS
 from detfit.paths import DEFAULT_RUNS_DIR
 
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+# Settings that may change when a run is resumed; any other change is refused.
+RESUMABLE = (
+    "epochs",
+    "workers",
+    "device",
+    "threads",
+    "print_freq",
+    "checkpoint_every_iters",
+    "data_root",
+    "eval_batch_size",
+)
 
 
 def new_run_dir(name: str, root: Path = DEFAULT_RUNS_DIR) -> Path:
@@ -57,7 +79,7 @@ def new_run_dir(name: str, root: Path = DEFAULT_RUNS_DIR) -> Path:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -80,16 +102,6 @@ def flatten_metrics(stats: dict[str, dict[str, float]]) -> dict[str, float]:
 def flatten_per_class(per_class: dict[str, dict[str, float]]) -> dict[str, float]:
     """``bbox_AP/<class>``: per-class AP (IoU 0.50:0.95), -1 where a class has no ground truth."""
     return {f"{iou}_AP/{name}": ap for iou, aps in per_class.items() for name, ap in aps.items()}
-
-
-def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=2))
-    fields = list(dict.fromkeys(k for row in history for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
 
 
 def options_for_data(
@@ -124,140 +136,398 @@ def loss_weights_for(cfg: TrainConfig, log: Callable[[str], None] = print) -> di
     return {k: v for k, v in cfg.loss_weights.items() if k not in dropped}
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that continues ``run_dir``, launched the way this process was."""
+    resume = f"-m detfit train --resume {shlex.quote(str(run_dir))}"
+    if distributed.world_size() == 1 and not distributed.launched_with_torchrun():
+        return f"detfit train --resume {shlex.quote(str(run_dir))}"
+    nodes = distributed.num_nodes()
+    launch = f"torchrun --nproc_per_node {distributed.local_world_size()}"
+    if nodes > 1:
+        launch += f" --nnodes {nodes} --rdzv-backend c10d --rdzv-endpoint HOST:PORT"
+    return f"{launch} {resume}"
+
+
+class Trainer:
+    """Fine-tune ``cfg`` (or continue the run in ``resume``), evaluating after every epoch.
+
+    ``Trainer(cfg, callbacks=[...]).fit()`` returns the run folder. Under torchrun every rank
+    runs it: DistributedDataParallel, a shard of the data per rank, the evaluation gathered to
+    rank 0, files written by rank 0. SIGTERM or Ctrl-C stops after the current step with a
+    checkpoint and raises :class:`~detfit.errors.Interrupted`, whose message says how to resume.
+
+    ``overrides`` (with ``resume``) change the settings in :data:`RESUMABLE`, e.g. ``epochs`` to
+    extend a finished run; ``overwrite`` starts over in an ``out`` folder that holds a run.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig | None = None,
+        *,
+        callbacks: Sequence[Callback] = (),
+        resume: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        if (cfg is None) == (resume is None):
+            raise ValueError("give either cfg or resume")
+        self.cfg = cfg
+        self.resume_from = Path(resume) if resume is not None else None
+        self.overrides = dict(overrides or {})
+        self.overwrite = overwrite
+        self.progress = progress
+        self.user_callbacks = list(callbacks)
+        self._log = log
+        # the run's state, public for callbacks
+        self.checkpoint: dict[str, Any] | None = None  # what a resume started from
+        self.epoch = 0  # index of the current epoch (shown as epoch + 1 everywhere)
+        self.iteration = 0  # batches trained in the current epoch
+        self.evaluated = False  # the current epoch's evaluation and metrics row are done
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.meter = LossMeter()
+        self.should_stop = False
+        self.last_evaluation: EvaluationResult | None = None
+        self.seconds_before = 0.0  # training time before a resume
+
+    # ---- public helpers for callbacks -------------------------------------------------------
+    def log(self, message: str) -> None:
+        """Print on rank 0 only."""
+        if distributed.is_main():
+            self._log(message)
+
+    def epoch_label(self) -> str:
+        """``epoch 3/10``: how every line, bar and resume message counts epochs (from 1)."""
+        return f"epoch {self.epoch + 1}/{self.cfg.epochs}"
+
+    @property
+    def minutes(self) -> float:
+        return (self.seconds_before + time.perf_counter() - self._t0) / 60
+
+    def save_checkpoint(self, name: str) -> Path:
+        """Write ``run_dir/name`` with everything needed to continue from this very step (every
+        rank's RNG state included: call it on every rank). Returns the path."""
+        rngs = distributed.gather_to_main(rng_state())
+        path = self.run_dir / name
+        if distributed.is_main():
+            save_checkpoint(path, self._payload(rngs))
+        distributed.barrier()
+        self._fire("on_checkpoint", path)
+        return path
+
+    # ---- the run --------------------------------------------------------------------------
+    def fit(self) -> Path:
+        """Train to the last epoch (or until stopped); returns the run folder."""
+        if self.resume_from is not None:
+            self._load_resume(self.resume_from)
+        assert self.cfg is not None
+        self.device = distributed.resolve_device(self.cfg.device)
+        with distributed.process_group(self.device), StopRequest() as stop:
+            self.stop = stop
+            try:
+                self._setup()
+                self._fire("on_train_start")
+                self._train()
+                self._fire("on_train_end")
+            finally:
+                # drop every reference to the DDP wrapper before the group goes (see shutdown)
+                self.model = self.step = None
+        return self.run_dir
+
+    def _load_resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        self.run_dir = path if path.is_dir() else path.parent
+        cfg = TrainConfig.from_dict(ckpt["config"], f"{self.run_dir}/last.pt")
+        changed = {
+            k: v
+            for k, v in self.overrides.items()
+            if v is not None and getattr(cfg, k, None) != v and k not in ("out",)
+        }
+        refused = sorted(set(changed) - set(RESUMABLE))
+        if refused:
+            raise DetfitError(
+                f"--resume {self.run_dir}: {', '.join(refused)} cannot change when a run "
+                f"continues (it can: {', '.join(RESUMABLE)}); to train with other settings "
+                f"start a new run: --config {self.run_dir}/config.yaml"
+            )
+        for key, value in changed.items():
+            setattr(cfg, key, value)
+        done = len(ckpt.get("history", []))
+        if cfg.epochs < done or (cfg.epochs == done and ckpt.get("evaluated", True)):
+            raise DetfitError(
+                f"--resume {self.run_dir}: the run has already trained {done} epoch(s); "
+                f"give --epochs N with N > {done} to train it further"
+            )
+        self.cfg, self.checkpoint = cfg, ckpt
+
+    def _choose_run_dir(self) -> Path:
+        cfg = self.cfg
+        if self.checkpoint is not None:
+            return self.run_dir
+        if distributed.elastic_max_restarts() > 0 and not cfg.out:
+            raise DetfitError(
+                "torchrun --max-restarts needs --out RUN: a restarted group continues the run "
+                "in that folder"
+            )
+        if cfg.out:
+            run_dir = Path(cfg.out)
+            if distributed.elastic_restart_count() > 0:  # torchrun restarted us: continue
+                if (run_dir / "last.pt").is_file():
+                    self.log(f"restart {distributed.elastic_restart_count()}: continuing {run_dir}")
+                    self._load_resume(run_dir)
+                    return run_dir
+                self.overwrite = True
+            if holds_run(run_dir) and not self.overwrite:
+                raise DetfitError(
+                    f"{run_dir}: already holds a run; continue it with --resume {run_dir}, or "
+                    "give --overwrite to start over in it"
+                )
+            return run_dir
+        return Path(distributed.broadcast_from_main(str(new_run_dir(cfg.model))))
+
+    def _setup(self) -> None:
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
+        self.run_dir = self._choose_run_dir()
+        cfg = self.cfg  # a restart may have loaded the run's own settings
+        cfg.out = str(self.run_dir)
+        cfg.world_size, cfg.global_batch_size = self.world_size, self.world_size * cfg.batch_size
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.run_dir)
+            if self.overwrite and self.checkpoint is None:
+                for name in RUN_FILES:
+                    (self.run_dir / name).unlink(missing_ok=True)
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        with distributed.main_first():  # rank 0 downloads Penn-Fudan if needed
+            self.data = build_datasets(cfg, log=self.log)
+        self.module, self.info = self._build_model()
+        if "segm" in iou_types(cfg.model) and not self.data.has_masks:
+            raise DetfitError(
+                f"{cfg.dataset}: not every object has a mask, so {cfg.model} cannot train on it; "
+                "choose a detection model (detfit models)"
+            )
+        self.module.to(self.device)
+        if cfg.sync_bn and self.world_size > 1:
+            self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
+        self.eval_model = self.module
+        self.loaders = build_loaders(cfg, self.data, self.rank, self.world_size)
+        lr = effective_lr(cfg, self.world_size)
+        self.optimizer = build_optimizer(cfg, self.module, lr)
+        batches = self.loaders.batches.batches_per_epoch()
+        self.iters_per_epoch = min(batches, cfg.max_iters_per_epoch or batches)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.iters_per_epoch)
+        use_amp = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        self.metric_key = "segm_AP" if "segm" in iou_types(cfg.model) else "bbox_AP"
+        self.model = distributed.wrap(self.module, self.device)
+        self.step = TrainStep(
+            self.model,
+            self.optimizer,
+            self.device,
+            scaler=self.scaler,
+            clip_grad_norm=cfg.clip_grad_norm,
+            loss_weights=loss_weights_for(cfg, self.log),
+            lr_scheduler=self.scheduler,
+        )
+        self.callbacks = self._default_callbacks() + self.user_callbacks
+        seed_everything(cfg.seed + 1000 * self.rank)  # each rank its own random stream
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+        if distributed.is_main():
+            cfg.save(self.run_dir / "config.yaml")
+        if self.world_size > 1:
+            self.log(
+                f"torchrun: {self.world_size} processes x batch {cfg.batch_size} = global batch "
+                f"{cfg.global_batch_size}; lr {lr:g} (lr_scaling {cfg.lr_scaling}"
+                + (f": {cfg.lr:g} x {self.world_size})" if cfg.lr_scaling == "linear" else ")")
+            )
+        self._t0 = time.perf_counter()
+
+    def _build_model(self) -> tuple[torch.nn.Module, dict[str, Any]]:
+        cfg, ckpt = self.cfg, self.checkpoint
+        if ckpt is not None:
+            # with EMA, "model" holds the averaged (evaluated) weights and "train_model" the raw
+            model = rebuild_model(ckpt["model_info"], ckpt.get("train_model") or ckpt["model"])
+            return model, ckpt["model_info"]
+        options = options_for_data(cfg, self.data, self.log)
+        model = build_model(
+            cfg.model,
+            len(self.data.classes),
+            weights=cfg.weights,
+            weights_backbone=cfg.weights_backbone,
+            **options,
+        )
+        info = model_info(cfg.model, len(self.data.classes), self.data.classes, options, model)
+        info["category_ids"] = self.data.category_ids
+        return model, info
+
+    def _default_callbacks(self) -> list[Callback]:
+        callbacks: list[Callback] = [EMA(self.cfg.ema_decay)] if self.cfg.ema_decay else []
+        # the checkpoint before the metrics files: they never list an epoch last.pt lacks
+        callbacks += [Checkpointer(self.cfg.checkpoint_every_iters), MetricsWriter(), ConsoleLog()]
+        if self.progress:
+            callbacks.append(ProgressBar())
+        return callbacks
+
+    def _payload(self, rngs: list[dict[str, Any]] | None) -> dict[str, Any]:
+        payload = {
+            "model": self.eval_model.state_dict(),
+            "model_info": self.info,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "evaluated": self.evaluated,
+            "global_step": self.global_step,
+            "iters_per_epoch": self.iters_per_epoch,
+            "world_size": self.world_size,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rngs,
+            "meter": self.meter.state_dict(),
+            "seconds": self.minutes * 60,
+            "history": self.history,
+            "metric_key": self.metric_key,
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+        }
+        if self.eval_model is not self.module:
+            payload["train_model"] = self.module.state_dict()
+        return payload
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.history = list(ckpt["history"])
+        self.epoch = int(ckpt["epoch"])
+        self.iteration = int(ckpt.get("iteration", 0))
+        self.evaluated = bool(ckpt.get("evaluated", True))  # older checkpoints: epoch ends only
+        self.global_step = int(ckpt.get("global_step", 0))
+        self.seconds_before = float(
+            ckpt.get("seconds", 60 * (self.history or [{}])[-1].get("minutes", 0))
+        )
+        if ckpt.get("meter") and not self.evaluated:
+            self.meter = LossMeter.from_state(ckpt["meter"])
+        states = ckpt.get("callbacks") or {
+            "EMA": {"updates": ckpt.get("ema_updates", 0)},
+            "Checkpointer": {"best": ckpt.get("best", -1.0)},
+        }
+        for cb in self.callbacks:
+            cb.load_state_dict(states.get(type(cb).__name__, {}))
+        rngs = ckpt.get("rng")
+        rngs = [rngs] if isinstance(rngs, dict) else rngs
+        saved_world = int(ckpt.get("world_size", 1))
+        if saved_world != self.world_size and not self.evaluated:
+            # another number of processes: the epoch's position in samples, roughly kept
+            self.iteration = self.iteration * saved_world // self.world_size
+            self.log(
+                f"resuming with {self.world_size} processes instead of {saved_world}: epoch "
+                f"{self.epoch + 1} continues at iteration {self.iteration}, with new random streams"
+            )
+        elif rngs and self.rank < len(rngs):
+            set_rng_state(rngs[self.rank])
+        where = (
+            f"after epoch {self.epoch + 1}"
+            if self.evaluated
+            else f"at {self.epoch_label()}, iteration {self.iteration}/{self.iters_per_epoch}"
+        )
+        self.log(f"resuming {self.run_dir} {where} (of {self.cfg.epochs} epochs)")
+
+    def _fire(self, event: str, *args: Any) -> None:
+        main = distributed.is_main()
+        for cb in self.callbacks:
+            if main or not cb.main_process_only:
+                getattr(cb, event)(self, *args)
+
+    def _train(self) -> None:
+        cfg = self.cfg
+        first = self.epoch + 1 if self.evaluated else self.epoch
+        for epoch in range(first, cfg.epochs):
+            if epoch != self.epoch or self.evaluated:
+                self.epoch, self.iteration, self.evaluated = epoch, 0, False
+                self.meter = LossMeter()
+            self._fire("on_epoch_start")
+            if self.iteration < self.iters_per_epoch:
+                self._train_epoch()
+            result = evaluate(
+                self.eval_model,
+                self.loaders.test,
+                self.device,
+                iou_types=iou_types(cfg.model),
+                classes=self.data.classes,
+                progress=self.progress,
+                verbose=False,
+            )
+            self.last_evaluation = result
+            self._fire("on_evaluation", result)
+            row = self._metrics_row(result)
+            self.history.append(row)
+            self.evaluated = True
+            self._fire("on_epoch_end", row)
+            if distributed.any_rank(self.stop.requested):
+                self._interrupt()
+            if distributed.any_rank(self.should_stop):
+                self.log(f"stopping after {self.epoch_label()}: a callback asked to")
+                break
+
+    def _train_epoch(self) -> None:
+        self.loaders.set_epoch(self.epoch, skip=self.iteration)
+        self.meter.start = time.perf_counter()
+        for images, targets in self.loaders.train:
+            if self.iteration >= self.iters_per_epoch:
+                break
+            where = f"{self.epoch_label()}, iteration {self.iteration + 1}"
+            result: StepResult = self.step(images, targets, stop=self.stop.requested, where=where)
+            self.iteration += 1
+            self.global_step += 1
+            self.meter.add(result)
+            self._fire("on_step_end", result)
+            if result.stop:
+                self._interrupt()
+
+    def _metrics_row(self, result: EvaluationResult) -> dict[str, Any]:
+        train = self.meter.summary(self.optimizer.param_groups[0]["lr"])
+        return {
+            "epoch": self.epoch + 1,
+            "minutes": round(self.minutes, 3),
+            **{f"train_{k}": v for k, v in train.items()},
+            "eval_seconds": result.seconds,
+            "eval_seconds_per_image": result.seconds / max(result.num_images, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "world_size": self.world_size,
+            "global_batch_size": self.cfg.global_batch_size,
+            **flatten_metrics(result.stats),
+            **flatten_per_class(result.per_class),
+        }
+
+    def _interrupt(self) -> None:
+        reason = self.stop.name or "a stop request"
+        self._fire("on_interrupt", reason)
+        where = (
+            f"after {self.epoch_label()}"
+            if self.evaluated
+            else f"at {self.epoch_label()}, iteration {self.iteration}/{self.iters_per_epoch}"
+        )
+        code = 128 + (self.stop.signum or 2)
+        raise Interrupted(
+            f"stopped by {reason} {where}; {self.run_dir / 'last.pt'} holds it; resume with: "
+            f"{resume_command(self.run_dir)}",
+            exit_code=code,
+        )
+
+
 def fit(
     cfg: TrainConfig | None = None,
     *,
     resume: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    callbacks: Sequence[Callback] = (),
 ) -> Path:
-    """Train ``cfg`` (or continue the run in ``resume``); returns the run folder."""
-    ckpt = None
-    if resume is not None:
-        run_dir = Path(resume)
-        ckpt = load_checkpoint(run_dir / "last.pt" if run_dir.is_dir() else run_dir)
-        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
-        cfg = TrainConfig.from_dict(ckpt["config"], f"{run_dir}/last.pt")
-    assert cfg is not None
-    run_dir = run_dir if ckpt else Path(cfg.out) if cfg.out else new_run_dir(cfg.model)
-
-    seed_everything(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    data = build_datasets(cfg, log=log)
-    if ckpt:
-        # with EMA, "model" holds the averaged (evaluated) weights and "train_model" the raw ones
-        model = rebuild_model(ckpt["model_info"], ckpt.get("train_model") or ckpt["model"])
-        info = ckpt["model_info"]
-    else:
-        options = options_for_data(cfg, data, log)
-        model = build_model(
-            cfg.model,
-            len(data.classes),
-            weights=cfg.weights,
-            weights_backbone=cfg.weights_backbone,
-            **options,
-        )
-        info = model_info(cfg.model, len(data.classes), data.classes, options, model)
-        info["category_ids"] = data.category_ids
-    if "segm" in iou_types_for(model) and not data.has_masks:
-        raise DetfitError(
-            f"{cfg.dataset}: not every object has a mask, so {cfg.model} cannot train on it; "
-            "choose a detection model (detfit models)"
-        )
-    model.to(device)
-    ema = ema_model(model, cfg.ema_decay) if cfg.ema_decay else None
-    eval_model = ema.module if ema is not None else model
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader, test_loader = build_loaders(cfg, data, loader_gen)
-    optimizer = build_optimizer(cfg, model)
-    iters_per_epoch = min(len(train_loader), cfg.max_iters_per_epoch or len(train_loader))
-    scheduler = build_scheduler(cfg, optimizer, iters_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
-    metric_key = "segm_AP" if "segm" in iou_types_for(model) else "bbox_AP"
-    loss_weights = loss_weights_for(cfg, log)
-
-    start_epoch, history, best, minutes_before = 0, [], -1.0, 0.0
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        loader_gen.set_state(ckpt["loader_rng"])
-        start_epoch = ckpt["epoch"] + 1
-        history = list(ckpt["history"])
-        best = ckpt["best"]
-        minutes_before = history[-1]["minutes"] if history else 0.0
-        if ema is not None:
-            ema.module.load_state_dict(ckpt["model"])
-            ema.n_averaged.fill_(ckpt["ema_updates"])
-        log(f"resuming {run_dir} at epoch {start_epoch}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
-    log(
-        f"run folder {run_dir} | model {cfg.model} | {len(data.train)} train / {len(data.test)} "
-        f"test images | {iters_per_epoch} iterations per epoch | device {device}"
-    )
-
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        train_stats = train_one_epoch(
-            model,
-            optimizer,
-            train_loader,
-            device,
-            epoch,
-            cfg.print_freq,
-            scaler,
-            lr_scheduler=scheduler,
-            clip_grad_norm=cfg.clip_grad_norm,
-            max_iters=cfg.max_iters_per_epoch,
-            progress=progress,
-            ema=ema,
-            loss_weights=loss_weights,
-        )
-        result = evaluate(
-            eval_model, test_loader, device, classes=data.classes, progress=progress, verbose=False
-        )
-        row = {
-            "epoch": epoch,
-            "minutes": round(minutes_before + (time.perf_counter() - t0) / 60, 3),
-            **{f"train_{k}": v for k, v in train_stats.items()},
-            "eval_seconds": result.seconds,
-            "eval_seconds_per_image": result.seconds / max(result.num_images, 1),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            **flatten_metrics(result.stats),
-            **flatten_per_class(result.per_class),
-        }
-        history.append(row)
-        write_metrics(run_dir, history)
-        checkpoint = {
-            "model": eval_model.state_dict(),
-            "model_info": info,
-            "config": cfg.to_dict(),
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_state(),
-            "loader_rng": loader_gen.get_state(),
-            "history": history,
-            "best": max(best, row[metric_key]),
-            "metric_key": metric_key,
-        }
-        if ema is not None:
-            checkpoint.update(train_model=model.state_dict(), ema_updates=int(ema.n_averaged))
-        save_checkpoint(run_dir / "last.pt", checkpoint)
-        if row[metric_key] > best:
-            best = row[metric_key]
-            save_checkpoint(run_dir / "best.pt", checkpoint)
-        aps = " ".join(
-            f"{t} AP {s['AP']:.3f} (AP50 {s['AP50']:.3f})" for t, s in result.stats.items()
-        )
-        log(
-            f"epoch {epoch + 1}/{cfg.epochs}: loss {train_stats.get('loss', float('nan')):.3f} | "
-            f"{aps} | {row['minutes']:.1f} min"
-        )
-    return run_dir
+    """``Trainer(cfg, ...).fit()``: train ``cfg`` (or continue ``resume``); returns the run folder."""
+    return Trainer(cfg, resume=resume, progress=progress, log=log, callbacks=callbacks).fit()

@@ -1,5 +1,7 @@
-"""Evaluation: COCO metrics by pycocotools."""
+"""Evaluation: the loop over a model and loader (one process or many), COCO metrics by
+pycocotools, and the scoring of a saved checkpoint."""
 
 from detfit.eval.coco import STAT_NAMES, CocoEvaluator
+from detfit.eval.loop import EvaluationResult, evaluate
 
-__all__ = ["STAT_NAMES", "CocoEvaluator"]
+__all__ = ["STAT_NAMES", "CocoEvaluator", "EvaluationResult", "evaluate"]

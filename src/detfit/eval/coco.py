@@ -4,7 +4,6 @@ target/output dicts, gathered as the evaluation loop runs (one pass over the dat
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +13,8 @@ import pycocotools.mask as mask_util
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from detfit import distributed
 
 STAT_NAMES = (
     "AP",
@@ -117,10 +118,12 @@ def oks_sigmas(annotations: Sequence[dict[str, Any]]) -> np.ndarray:
 
 
 class CocoEvaluator:
-    """Detectron2-style evaluator: ``reset()``, ``process(targets, outputs)``, ``evaluate()``.
+    """Detectron2-style evaluator: ``reset()``, ``process(targets, outputs)``, ``gather()``,
+    ``evaluate()``.
 
     Ground truth is taken from the targets seen, so no extra pass over the dataset is needed;
-    in several processes the gathered lists simply concatenate.
+    in several processes ``gather()`` concatenates every rank's lists on rank 0, and annotation
+    ids are renumbered in image order there, so the result is the one a single process gets.
     """
 
     def __init__(
@@ -160,16 +163,34 @@ class CocoEvaluator:
             for iou_type in self.iou_types:
                 self.results[iou_type].extend(outputs_to_coco(image_id, output, iou_type))
 
+    def gather(self) -> None:
+        """Bring every rank's images, annotations and detections to rank 0 (a no-op in one
+        process); other ranks are left empty."""
+        if distributed.world_size() == 1:
+            return
+        parts = distributed.gather_to_main((self.images, self.annotations, self.results))
+        self.reset()
+        for images, anns, results in parts or []:
+            self.images.extend(images)
+            self.annotations.extend(anns)
+            for iou_type in self.iou_types:
+                self.results[iou_type].extend(results[iou_type])
+
     def ground_truth(self) -> dict[str, Any]:
-        """The gathered ground truth as a COCO instances dict."""
-        category_ids = sorted({a["category_id"] for a in self.annotations})
+        """The gathered ground truth as a COCO instances dict: images by id, annotations in
+        image order numbered 1..N (ranks number their own from 1, so ids would collide)."""
+        images = sorted(self.images, key=lambda im: im["id"])
+        order = {im["id"]: k for k, im in enumerate(images)}
+        annotations = sorted(self.annotations, key=lambda a: order[a["image_id"]])
+        annotations = [{**a, "id": k} for k, a in enumerate(annotations, start=1)]
+        category_ids = sorted({a["category_id"] for a in annotations})
         if self.classes:
             category_ids = sorted(set(category_ids) | set(range(1, len(self.classes))))
         names = self.classes or []
         categories = [
             {"id": c, "name": names[c] if c < len(names) else str(c)} for c in category_ids
         ]
-        return {"images": self.images, "annotations": self.annotations, "categories": categories}
+        return {"images": images, "annotations": annotations, "categories": categories}
 
     def evaluate(self, verbose: bool = False) -> dict[str, dict[str, float]]:
         """COCO stats per IoU type: ``{"bbox": {"AP": ..., ...12 numbers}, "segm": {...}}``."""
@@ -177,7 +198,7 @@ class CocoEvaluator:
         quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with quiet:
             coco_gt = COCO()
-            coco_gt.dataset = copy.deepcopy(self.ground_truth())
+            coco_gt.dataset = self.ground_truth()
             coco_gt.createIndex()
             for iou_type in self.iou_types:
                 results = self.results[iou_type]

@@ -6,8 +6,17 @@ from detfit.models.registry import (
     ModelSpec,
     build_model,
     get_spec,
+    iou_types,
     model_info,
     rebuild_model,
 )
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "get_spec", "model_info", "rebuild_model"]
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "build_model",
+    "get_spec",
+    "iou_types",
+    "model_info",
+    "rebuild_model",
+]

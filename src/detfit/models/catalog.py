@@ -10,9 +10,9 @@ from typing import Any
 
 from torchvision.models import WeightsEnum
 
+from detfit.models.backbone_detectors import HEADS
 from detfit.models.backbones import BACKBONES, backbone_enum
 from detfit.models.registry import MODELS
-from detfit.models.situation_b import HEADS
 from detfit.models.weights import cached_weights_path
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows

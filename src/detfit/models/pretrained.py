@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from detfit.errors import DetfitError
-from detfit.models.heads import Keep, replace_class_layers, replace_keypoint_layer
+from detfit.models.class_layers import Keep, replace_class_layers, replace_keypoint_layer
 from detfit.models.options import apply_post_build, constructor_options
 from detfit.models.weights import ensure_cached, load_state_dict_file, resolve_weights
 

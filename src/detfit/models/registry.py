@@ -21,9 +21,9 @@ from torchvision.models import WeightsEnum, get_model_weights
 from torchvision.models import detection as tvd
 
 from detfit.errors import DetfitError
+from detfit.models.backbone_detectors import HEADS, build_detector
 from detfit.models.backbones import BACKBONES, backbone_enum
 from detfit.models.pretrained import build_pretrained
-from detfit.models.situation_b import HEADS, build_detector
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,22 @@ def get_spec(name: str) -> ModelSpec:
         raise DetfitError(
             f"unknown model {name!r}; `detfit models` lists them (e.g. {', '.join(list(MODELS)[:4])})"
         ) from None
+
+
+def iou_types(model: str | nn.Module) -> list[str]:
+    """What a model is scored on: bbox always, segm with masks, keypoints with keypoints.
+
+    By name the registry answers; a model object (the tutorial builds its own) answers by the
+    heads it has.
+    """
+    if isinstance(model, str):
+        spec = get_spec(model)
+        masks, keypoints = spec.has_masks, spec.has_keypoints
+    else:
+        heads = getattr(model, "roi_heads", None)
+        masks = getattr(heads, "mask_predictor", None) is not None
+        keypoints = getattr(heads, "keypoint_predictor", None) is not None
+    return ["bbox"] + ["segm"] * masks + ["keypoints"] * keypoints
 
 
 def build_model(
