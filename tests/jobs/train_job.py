@@ -1,0 +1,71 @@
+"""A training job for torchrun tests that need a deterministic event: a SIGTERM sent by rank 0 to
+itself after a given global step, or a NaN loss on one rank at one step.
+
+    torchrun --nproc_per_node 2 tests/jobs/train_job.py '{"config": {...}, "signal_at": 3}'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import torch
+
+from detfit import distributed
+from detfit.config import TrainConfig
+from detfit.engine import Callback, Trainer
+from detfit.errors import Interrupted
+
+
+class SignalAt(Callback):
+    """Rank 0 sends itself SIGTERM after global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, result):
+        if trainer.global_step == self.step and distributed.is_main():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class NanAt(Callback):
+    """On rank ``rank``, the RPN's losses are NaN at global step ``step`` (counted from 1)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_start(self, trainer):
+        if distributed.rank() != self.rank:
+            return
+        rpn = trainer.module.rpn
+        forward = rpn.forward
+
+        def poisoned(*args, **kwargs):
+            boxes, losses = forward(*args, **kwargs)
+            if trainer.global_step + 1 == self.step and rpn.training:
+                losses = {k: v * torch.tensor(float("nan")) for k, v in losses.items()}
+            return boxes, losses
+
+        rpn.forward = poisoned
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    callbacks = []
+    if job.get("signal_at"):
+        callbacks.append(SignalAt(job["signal_at"]))
+    if job.get("nan_at"):
+        callbacks.append(NanAt(*job["nan_at"]))
+    cfg = TrainConfig.from_dict(job["config"])
+    try:
+        Trainer(cfg, callbacks=callbacks, progress=False).fit()
+    except Interrupted as exc:
+        if distributed.env_is_main():
+            print(f"detfit: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
