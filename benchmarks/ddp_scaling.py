@@ -22,7 +22,13 @@ from pathlib import Path
 
 
 def launch(nproc: int, args: argparse.Namespace, out: Path, threads: int | None) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+    ]
     cmd += ["-m", "detfit", "train", "--recipe", args.recipe, "--epochs", "2", "--quiet"]
     cmd += ["--out", str(out), "--batch-size", str(args.global_batch // nproc)]
     cmd += ["--workers", str(args.workers), "--set", f"max_iters_per_epoch={args.iters}"]

@@ -312,6 +312,11 @@ class Trainer:
             )
         self.module.to(self.device)
         if cfg.sync_bn and self.world_size > 1:
+            if self.device.type != "cuda":
+                raise DetfitError(
+                    "sync_bn: torch's SyncBatchNorm runs on CUDA only; train without it on "
+                    f"{self.device.type}"
+                )
             self.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.eval_model = self.module
         self.loaders = build_loaders(cfg, self.data, self.rank, self.world_size)
