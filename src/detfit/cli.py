@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-import yaml
 
 from detfit.errors import DetfitError
 
@@ -36,23 +35,6 @@ Dataset = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")]
-
-
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
-
-
-def _apply_sets(data: dict[str, Any], sets: list[str]) -> None:
-    """``--set key=value`` (YAML value); ``model_options.min_size=512`` reaches nested settings."""
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DetfitError(f"--set {item!r}: expected KEY=VALUE")
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = _parse_value(value)
 
 
 @app.command()
@@ -92,7 +74,7 @@ def train(
     """Fine-tune (Penn-Fudan by default, or --data), with a COCO evaluation after every epoch."""
     import torch
 
-    from detfit.config import RECIPES, TrainConfig, recipe_config
+    from detfit.config import RECIPES, TrainConfig, load_settings, merge_settings, recipe_config
     from detfit.engine import fit
 
     if resume is not None:
@@ -114,7 +96,7 @@ def train(
             )
     if recipe not in RECIPES:
         raise DetfitError(f"unknown recipe {recipe!r}; choose auto, {', '.join(RECIPES)}")
-    settings = TrainConfig.load(config).to_dict() if config else recipe_config(recipe).to_dict()
+    base = load_settings(config) if config else recipe_config(recipe).to_dict()
     overrides = dict(
         dataset=data,
         data_root=str(data_root) if data_root else None,
@@ -128,9 +110,8 @@ def train(
         device=device,
         out=str(out) if out else None,
     )
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    _apply_sets(settings, set_)
-    cfg = TrainConfig.from_dict(settings, "--set")
+    settings = merge_settings(base, overrides, set_)
+    cfg = TrainConfig.from_dict(settings, str(config) if config else "")
     run_dir = fit(cfg, progress=not quiet)
     typer.echo(f"done: {run_dir} (best.pt, last.pt, metrics.csv, config.yaml)")
 
@@ -163,7 +144,7 @@ def eval_(
         cfg.data_root = str(data_root)
     if data:
         cfg.dataset = data
-    datasets = build_datasets(cfg)
+    datasets = build_datasets(cfg, held_out="test")
     classes = ckpt["model_info"].get("classes")
     if classes and datasets.classes != classes:
         raise DetfitError(
@@ -224,10 +205,16 @@ DatasetArg = Annotated[
 def data_check(
     dataset: DatasetArg,
     images: Annotated[
-        bool, typer.Option(help="Open every image header (size, mode, EXIF); --no-images is fast.")
+        bool, typer.Option(help="Open every image (--no-images: annotations only).")
     ] = True,
+    quick: Annotated[
+        bool,
+        typer.Option(help="Read image headers only (size, mode, EXIF), not every pixel."),
+    ] = False,
 ) -> None:
-    """Counts per class, sizes, and every problem with its file; exit 1 if training would fail."""
+    """Counts per class, sizes, and every problem with its file; exit 1 if training would fail.
+
+    Every image is decoded in full (a truncated file is an error), as training reads it."""
     from tqdm.auto import tqdm
 
     from detfit.data import DatasetSpec, check, summary
@@ -240,7 +227,12 @@ def data_check(
         annotations = spec.read(split, classes)
         classes = classes or annotations.classes
         typer.echo(f"[{split}] " + "\n".join(summary(annotations)))
-        problems = check(annotations, images, lambda it: tqdm(it, desc="checking", leave=False))
+        problems = check(
+            annotations,
+            images,
+            lambda it, total: tqdm(it, total=total, desc="checking", leave=False),
+            decode=not quick,
+        )
         for problem in problems:
             typer.echo(f"  {problem}")
         fatal += sum(p.fatal for p in problems)
@@ -288,6 +280,19 @@ def data_example(
 
 
 @app.command()
+def settings() -> None:
+    """Every setting (config.yaml key, --set KEY=VALUE) with its type, default and meaning."""
+    from detfit.config import settings_table
+
+    rows = settings_table()
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    header = zip(("setting", "type", "default"), widths)
+    typer.echo("  ".join(f"{h:{w}}" for h, w in header) + "  meaning")
+    for row in rows:
+        typer.echo("  ".join(f"{v:{w}}" for v, w in zip(row, widths)) + f"  {row[3]}")
+
+
+@app.command()
 def models(
     speed: Annotated[
         bool, typer.Option(help="Show the measured CPU cost per architecture (BENCHMARKS.md).")
@@ -306,12 +311,23 @@ def models(
     )
 
 
+def user_message(exc: BaseException) -> str:
+    """The message of a user error; one re-raised by a DataLoader worker (whose text embeds the
+    worker's traceback) is shortened to the worker's own message."""
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main() -> None:
-    """Console entry point: user errors are one line on stderr and exit code 2."""
+    """Console entry point: user errors are one line (one per problem) on stderr, exit code 2."""
     try:
         app()
     except DetfitError as exc:
-        typer.echo(f"detfit: error: {exc}", err=True)
+        for line in user_message(exc).splitlines() or [type(exc).__name__]:
+            typer.echo(f"detfit: error: {line}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("detfit: interrupted", err=True)
