@@ -153,7 +153,7 @@ def eval_(
         )
     _, test_loader = build_loaders(cfg, datasets)
     dev = resolve_device(device)
-    model = rebuild_model(ckpt["model_info"], ckpt["model"]).to(dev)
+    model = rebuild_model(ckpt["model_info"], ckpt["model"], str(checkpoint)).to(dev)
     result = evaluate(model, test_loader, dev, classes=datasets.classes, verbose=True)
     typer.echo(json.dumps(result.stats, indent=2))
     if json_out:
