@@ -45,6 +45,15 @@ def _rle_size(rle: dict) -> tuple[int, int] | None:
 PARALLEL_FROM = 16
 
 
+def _far_outside(polygons: list[list[float]], width: int, height: int) -> bool:
+    """A point beyond one image size outside the image: not this image's annotation."""
+    return any(
+        not (-width <= x <= 2 * width and -height <= y <= 2 * height)
+        for polygon in polygons
+        for x, y in zip(polygon[0::2], polygon[1::2])
+    )
+
+
 def check_record(
     record: ImageRecord, read_images: bool = True, decode: bool = True
 ) -> list[Problem]:
@@ -95,6 +104,17 @@ def check_record(
             h, w = _rle_size(inst.rle)
             problems.append(
                 Problem(name, f"{what}: mask is {w}x{h} but the image is {width}x{height}", True)
+            )
+        if (
+            inst.polygons is not None
+            and width
+            and height
+            and _far_outside(inst.polygons, width, height)
+        ):
+            problems.append(
+                Problem(
+                    name, f"{what}: polygon point more than an image size outside the image", True
+                )
             )
         if inst.polygons is not None and any(len(p) < 6 for p in inst.polygons):
             problems.append(

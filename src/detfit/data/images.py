@@ -109,6 +109,10 @@ def load_mask_ids(path: Path) -> torch.Tensor:
         raise DetfitError(f"{path}: unreadable mask ({error_text(exc)})") from None
     if array.ndim == 3:  # an RGB mask: ids in the first channel
         array = array[..., 0]
+    if array.dtype.kind == "f" and not (
+        np.isfinite(array).all() and (array == array.round()).all()
+    ):
+        raise DetfitError(f"{path}: unreadable mask (values are not whole instance ids)")
     return torch.from_numpy(array.astype(np.int64))
 
 

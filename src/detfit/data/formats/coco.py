@@ -97,7 +97,15 @@ class CocoCategory(BaseModel):
     id: Id
     name: str | int | None = None
     keypoints: list[str] | None = None
-    skeleton: list[list[Annotated[int, Strict()]]] | None = None
+    skeleton: Any = None  # carried to conversions only: kept when it is a list of index pairs
+
+    @field_validator("skeleton", mode="plain")
+    @classmethod
+    def _skeleton(cls, value: Any) -> Any:
+        pairs = isinstance(value, list) and all(
+            isinstance(p, list) and all(type(i) is int for i in p) for p in value
+        )
+        return value if pairs else None
 
 
 class CocoImage(BaseModel):
