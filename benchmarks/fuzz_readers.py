@@ -347,10 +347,15 @@ def fuzz(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("readers", nargs="*", default=list(READERS), choices=list(READERS))
+    parser.add_argument("readers", nargs="*", help=f"some of {', '.join(READERS)} (default: all)")
     parser.add_argument("--seconds", type=float, default=60.0, help="per reader")
     args = parser.parse_args()
-    for reader in args.readers:
+    unknown = set(args.readers) - set(READERS)
+    if unknown:
+        parser.error(
+            f"unknown reader(s) {', '.join(sorted(unknown))}; choose from {', '.join(READERS)}"
+        )
+    for reader in args.readers or list(READERS):
         start, total = time.monotonic(), {"ok": 0, "fatal": 0, "error": 0}
         while time.monotonic() - start < args.seconds:
             for key, count in fuzz(reader, 200).items():

@@ -356,9 +356,14 @@ class TrainConfig(BaseModel):
         if not isinstance(data, dict):
             raise SettingsError(f"{source or 'settings'}: must be a mapping of settings")
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(data)  # pydantic runs __init__, which raises SettingsError
         except ValidationError as exc:
             raise SettingsError(describe_errors(exc, data, source)) from None
+        except SettingsError as exc:
+            if not source:
+                raise
+            lines = str(exc).splitlines()
+            raise SettingsError("\n".join(f"{source}: {line}" for line in lines)) from None
 
     def save(self, path: str | Path) -> None:
         from detfit.fileio import atomic_write_text
