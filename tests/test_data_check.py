@@ -68,3 +68,14 @@ def test_pennfudan_goes_through_the_check(tmp_path):
     problems = [p for p in read_mask_folder(root, ["person"]).problems if p.fatal]
     assert [p.file for p in problems] == [str(bad)]
     shutil.rmtree(root)
+
+
+def test_pennfudan_smaller_than_num_test_holds_out_a_fifth(tmp_path):
+    from detfit.config import TrainConfig
+    from detfit.engine.builders import build_datasets
+
+    root = make_pennfudan(tmp_path / "pf", num_images=5)
+    lines: list[str] = []
+    data = build_datasets(TrainConfig(data_root=str(root), num_test=50), log=lines.append)
+    assert (len(data.train), len(data.test)) == (4, 1)
+    assert lines == [f"{root}: 5 images, fewer than num_test=50; holding out 1"]
