@@ -126,6 +126,7 @@ def ws(tmp_path_factory) -> Path:
     (root / "settings" / "a_list.yaml").write_text("- epochs\n- 3\n")
     (root / "settings" / "typo.yaml").write_text("epochz: 3\n")
     (root / "settings" / "bad_value.yaml").write_text("lr: fast\n")
+    (root / "settings" / "number_key.yaml").write_text("1: 2\n")
     return root
 
 
@@ -183,6 +184,8 @@ SETTINGS_CASES = {
         ["settings/typo.yaml", "epochz=3", "did you mean 'epochs'"],
     ),
     "config bad value": (["--config", "settings/bad_value.yaml"], ["lr='fast'"]),
+    "config number as a key": (["--config", "settings/number_key.yaml"], ["1 is not a setting"]),
+    "options not a mapping": (["--set", "model_options=5"], ["model_options=5", "dictionary"]),
 }
 
 

@@ -353,8 +353,12 @@ class TrainConfig(BaseModel):
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "") -> TrainConfig:
         """Validate ``data``; ``source`` (a file, ``--set``) prefixes every problem line."""
+        prefix = f"{source}: " if source else ""
         if not isinstance(data, dict):
-            raise SettingsError(f"{source or 'settings'}: must be a mapping of settings")
+            raise SettingsError(f"{prefix}settings must be a mapping of names to values")
+        names = [k for k in data if not isinstance(k, str)]
+        if names:  # YAML keys can be numbers; pydantic's __init__ takes keywords only
+            raise SettingsError(f"{prefix}{names[0]!r} is not a setting name")
         try:
             return cls.model_validate(data)  # pydantic runs __init__, which raises SettingsError
         except ValidationError as exc:
@@ -363,7 +367,7 @@ class TrainConfig(BaseModel):
             if not source:
                 raise
             lines = str(exc).splitlines()
-            raise SettingsError("\n".join(f"{source}: {line}" for line in lines)) from None
+            raise SettingsError("\n".join(prefix + line for line in lines)) from None
 
     def save(self, path: str | Path) -> None:
         from detfit.fileio import atomic_write_text
