@@ -116,6 +116,10 @@ def check_record(
                     name, f"{what}: polygon point more than an image size outside the image", True
                 )
             )
+        if inst.polygons is not None and any(len(p) % 2 for p in inst.polygons):
+            problems.append(
+                Problem(name, f"{what}: polygon with an odd number of coordinates (last ignored)")
+            )
         if inst.polygons is not None and any(len(p) < 6 for p in inst.polygons):
             problems.append(
                 Problem(name, f"{what}: polygon with fewer than 3 points (part ignored)")

