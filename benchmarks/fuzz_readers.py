@@ -3,7 +3,8 @@
 The property, for every generated input: reading it, checking it (``detfit data check``'s
 check) and, when the check finds nothing fatal, building every training and evaluation target
 either succeeds or raises DetfitError (one line for the user). Any other exception is a bug, and so
-is an input that takes more than the per-example deadline (a hang).
+is an input that takes more than the per-example deadline (5 s), or that is interrupted as a hang
+(20 s).
 
     python benchmarks/fuzz_readers.py --seconds 60            # every reader, a minute each
     python benchmarks/fuzz_readers.py coco --seconds 300
@@ -17,8 +18,10 @@ import argparse
 import io
 import json
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -299,16 +302,30 @@ def masks_case(folder: Path, mask: bytes, sidecar: bytes | None) -> str:
     return exercise(lambda: read_mask_folder(folder))
 
 
-class Case:
-    """A fresh folder per example (hypothesis runs many examples per test)."""
+class Hang(Exception):
+    """An input kept a reader busy past the hang limit."""
 
-    def __init__(self) -> None:
+
+class Case:
+    """A fresh folder per example (hypothesis runs many examples per test), and an alarm that
+    interrupts a reader still busy after ``hang_s`` (hypothesis' deadline only measures)."""
+
+    def __init__(self, hang_s: float) -> None:
         self.path = Path(tempfile.mkdtemp(prefix="detfit-fuzz-"))
+        self.hang_s = hang_s
+
+    def _alarm(self, signum: int, frame: Any) -> None:
+        raise Hang(f"still reading after {self.hang_s} s")
 
     def __enter__(self) -> Path:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGALRM, self._alarm)
+            signal.setitimer(signal.ITIMER_REAL, self.hang_s)
         return self.path
 
     def __exit__(self, *exc: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.setitimer(signal.ITIMER_REAL, 0)
         shutil.rmtree(self.path, ignore_errors=True)
 
 
@@ -338,7 +355,7 @@ def fuzz(
     )
     @given(st.tuples(*strategies))
     def run(args: tuple) -> None:
-        with Case() as folder:
+        with Case(hang_s=4 * deadline_s) as folder:
             outcomes[case(folder, *args)] += 1
 
     run()

@@ -32,3 +32,13 @@ def test_fuzzing_catches_a_reader_that_raises(monkeypatch):
     monkeypatch.setattr(fuzz_readers, "read_coco", broken)
     with pytest.raises(KeyError):
         fuzz("coco", max_examples=5, shrink=False)
+
+
+def test_fuzzing_interrupts_a_reader_that_hangs(monkeypatch):
+    import time
+
+    import fuzz_readers
+
+    monkeypatch.setattr(fuzz_readers, "read_coco", lambda *a, **k: time.sleep(60))
+    with pytest.raises(fuzz_readers.Hang):
+        fuzz("coco", max_examples=1, deadline_s=0.1, shrink=False)
