@@ -21,15 +21,14 @@ from typing import Any
 
 import yaml
 
-from detfit.config import RECIPES, recipe_config
+from detfit.config import TrainConfig, merge_settings, recipe_config
 from detfit.fileio import atomic_write_text
 
 
-def variant_config(recipe: str, overrides: dict[str, Any], **extra: Any):
-    base_options = RECIPES[recipe].get("model_options", {})
-    options = {**base_options, **overrides.get("model_options", {})}
-    rest = {k: v for k, v in overrides.items() if k != "model_options"}
-    return recipe_config(recipe, **{**rest, **extra, "model_options": options})
+def variant_config(recipe: str, overrides: dict[str, Any], **extra: Any) -> TrainConfig:
+    """The recipe with a variant's overrides merged as the CLI merges them (merge_settings)."""
+    settings = merge_settings(recipe_config(recipe).to_dict(), {**overrides, **extra})
+    return TrainConfig.from_dict(settings, f"variant of {recipe}")
 
 
 def run_one(args: argparse.Namespace) -> None:

@@ -129,7 +129,7 @@ def test_data_pennfudan_error_is_one_line(tmp_path):
     ("args", "message"),
     [
         (["train", "--recipe", "cpu", "--set", "epochs"], "--set 'epochs': expected KEY=VALUE"),
-        (["train", "--recipe", "cpu", "--set", "bogus=1"], "unknown setting(s) bogus"),
+        (["train", "--recipe", "cpu", "--set", "bogus=1"], "bogus=1: unknown setting"),
         (["train", "--recipe", "gpu9000"], "unknown recipe 'gpu9000'"),
         (["eval", "no/such/run.pt"], "no/such/run.pt: checkpoint not found"),
     ],

@@ -4,7 +4,6 @@ machine with ``pytest tests/test_cuda.py``."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def cuda_config(root: Path, out: Path, **changes) -> TrainConfig:
-    return dataclasses.replace(run_config(root, out), device="cuda", ema_decay=0.9, **changes)
+    return run_config(root, out).replace(device="cuda", ema_decay=0.9, **changes)
 
 
 @pytest.mark.parametrize("amp", [False, True])

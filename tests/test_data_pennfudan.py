@@ -117,7 +117,9 @@ def test_item_contract(synthetic_root, idx):
     b = boxes.as_subclass(torch.Tensor)
     assert target["area"].dtype == torch.float32
     assert target["area"].shape == (n,)
-    assert torch.equal(target["area"], (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+    # COCO's convention (the mask's pixel count), as data convert and every mask format use
+    assert torch.equal(target["area"], target["masks"].flatten(1).sum(1).float())
+    assert (target["area"] <= (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)).all()
     assert (target["area"] > 0).all()
 
     assert target["iscrowd"].dtype == torch.uint8

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-import yaml
 
 from detfit.errors import DetfitError
 
@@ -36,23 +35,6 @@ Dataset = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")]
-
-
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
-
-
-def _apply_sets(data: dict[str, Any], sets: list[str]) -> None:
-    """``--set key=value`` (YAML value); ``model_options.min_size=512`` reaches nested settings."""
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DetfitError(f"--set {item!r}: expected KEY=VALUE")
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = _parse_value(value)
 
 
 @app.command()
@@ -100,7 +82,7 @@ def train(
     import torch
 
     from detfit import distributed
-    from detfit.config import RECIPES, TrainConfig, recipe_config
+    from detfit.config import RECIPES, TrainConfig, load_settings, merge_settings, recipe_config
     from detfit.engine import Trainer
 
     say = typer.echo if distributed.env_is_main() else (lambda *a, **k: None)
@@ -125,8 +107,7 @@ def train(
             )
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise DetfitError(f"--resume {resume}: the run continues in its own folder, not --out")
-        sets: dict[str, Any] = {}
-        _apply_sets(sets, set_)
+        sets = merge_settings({}, None, set_)
         if any(isinstance(v, dict) for v in sets.values()):
             raise DetfitError(
                 f"--resume {resume}: nested settings cannot change when a run continues"
@@ -151,8 +132,8 @@ def train(
             )
     if recipe not in RECIPES:
         raise DetfitError(f"unknown recipe {recipe!r}; choose auto, {', '.join(RECIPES)}")
-    settings = TrainConfig.load(config).to_dict() if config else recipe_config(recipe).to_dict()
-    settings.pop("out", None)  # a run's own config.yaml names its folder: start a new one
+    base = load_settings(config) if config else recipe_config(recipe).to_dict()
+    base.pop("out", None)  # a run's own config.yaml names its folder: start a new one
     overrides = dict(
         dataset=data,
         data_root=str(data_root) if data_root else None,
@@ -166,9 +147,8 @@ def train(
         device=device,
         out=str(out) if out else None,
     )
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    _apply_sets(settings, set_)
-    cfg = TrainConfig.from_dict(settings, "--set")
+    settings = merge_settings(base, overrides, set_)
+    cfg = TrainConfig.from_dict(settings, str(config) if config else "")
     run_dir = Trainer(cfg, overwrite=overwrite, progress=not quiet).fit()
     say(f"done: {run_dir} (best.pt, last.pt, metrics.csv, config.yaml)")
 
@@ -247,10 +227,16 @@ DatasetArg = Annotated[
 def data_check(
     dataset: DatasetArg,
     images: Annotated[
-        bool, typer.Option(help="Open every image header (size, mode, EXIF); --no-images is fast.")
+        bool, typer.Option(help="Open every image (--no-images: annotations only).")
     ] = True,
+    quick: Annotated[
+        bool,
+        typer.Option(help="Read image headers only (size, mode, EXIF), not every pixel."),
+    ] = False,
 ) -> None:
-    """Counts per class, sizes, and every problem with its file; exit 1 if training would fail."""
+    """Counts per class, sizes, and every problem with its file; exit 1 if training would fail.
+
+    Every image is decoded in full (a truncated file is an error), as training reads it."""
     from tqdm.auto import tqdm
 
     from detfit.data import DatasetSpec, check, summary
@@ -263,7 +249,12 @@ def data_check(
         annotations = spec.read(split, classes)
         classes = classes or annotations.classes
         typer.echo(f"[{split}] " + "\n".join(summary(annotations)))
-        problems = check(annotations, images, lambda it: tqdm(it, desc="checking", leave=False))
+        problems = check(
+            annotations,
+            images,
+            lambda it, total: tqdm(it, total=total, desc="checking", leave=False),
+            decode=not quick,
+        )
         for problem in problems:
             typer.echo(f"  {problem}")
         fatal += sum(p.fatal for p in problems)
@@ -311,6 +302,19 @@ def data_example(
 
 
 @app.command()
+def settings() -> None:
+    """Every setting (config.yaml key, --set KEY=VALUE) with its type, default and meaning."""
+    from detfit.config import settings_table
+
+    rows = settings_table()
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    header = zip(("setting", "type", "default"), widths)
+    typer.echo("  ".join(f"{h:{w}}" for h, w in header) + "  meaning")
+    for row in rows:
+        typer.echo("  ".join(f"{v:{w}}" for v, w in zip(row, widths)) + f"  {row[3]}")
+
+
+@app.command()
 def models(
     speed: Annotated[
         bool, typer.Option(help="Show the measured CPU cost per architecture (BENCHMARKS.md).")
@@ -329,9 +333,19 @@ def models(
     )
 
 
+def user_message(exc: BaseException) -> str:
+    """The message of a user error; one re-raised by a DataLoader worker (whose text embeds the
+    worker's traceback) is shortened to the worker's own message."""
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main() -> None:
-    """Console entry point: user errors are one line on stderr and exit code 2; a stopped run
-    one line saying how to resume, with 128 + the signal's number."""
+    """Console entry point: user errors are one line (one per problem) on stderr, exit code 2;
+    a stopped run one line saying how to resume, with 128 + the signal's number."""
     from detfit.distributed import env_is_main
     from detfit.errors import Interrupted
 
@@ -342,7 +356,8 @@ def main() -> None:
             typer.echo(f"detfit: {exc}", err=True)
         sys.exit(exc.exit_code)
     except DetfitError as exc:
-        typer.echo(f"detfit: error: {exc}", err=True)
+        for line in user_message(exc).splitlines() or [type(exc).__name__]:
+            typer.echo(f"detfit: error: {line}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("detfit: interrupted", err=True)

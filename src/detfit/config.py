@@ -1,79 +1,373 @@
-"""Training settings: one dataclass, saved as ``config.yaml`` in the run folder and in every
-checkpoint. Recipes are named sets of overrides, kept here with the defaults."""
+"""Training settings: one typed model (pydantic), saved as ``config.yaml`` in the run folder and in
+every checkpoint. Recipes are named sets of overrides, kept here with the defaults.
+
+Every setting is checked for type and range when it is parsed (a file, ``--set``, a recipe, a
+constructor call), before any folder is made or data is read; the problems come back as one
+:class:`SettingsError` with one line each, naming the key, the value and what is allowed.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import copy
+import difflib
+import functools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    with_config,
+)
+from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict
 
 from detfit.errors import DetfitError
 
 
-@dataclass
-class TrainConfig:
+class SettingsError(DetfitError):
+    """Settings that fail validation; the message has one line per problem."""
+
+
+def _not_bool(value: Any) -> Any:
+    # YAML's true/false would otherwise pass as 1.0/0.0
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+# Integers are strict (no "10" or true); floats also take YAML 1.1's "1e-3", which it reads as a
+# string, but not booleans.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+PositiveInt = Annotated[int, Strict(), Field(ge=1)]
+PositiveFloat = Annotated[float, BeforeValidator(_not_bool), Field(gt=0)]
+Fraction = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, le=1)]
+
+
+@with_config(ConfigDict(extra="allow"))
+class ModelOptions(TypedDict, total=False):
+    """The model options detfit knows, typed. Any other keyword of the torchvision detector class
+    is passed on unchecked here; the builder refuses a name the chosen model does not take."""
+
+    min_size: Annotated[
+        PositiveInt | list[PositiveInt],
+        Field(
+            description="short image side after resizing; a list: one at random per training "
+            "image, the last in evaluation"
+        ),
+    ]
+    max_size: Annotated[PositiveInt, Field(description="cap on the long image side after resizing")]
+    size: Annotated[
+        Annotated[int, Strict(), Field(ge=32)], Field(description="SSDLite's square input size")
+    ]
+    trainable_backbone_layers: Annotated[
+        Annotated[int, Strict(), Field(ge=0)] | None,
+        Field(
+            description="backbone stages trained, the others frozen (the most depends on the "
+            "backbone: 5 for ResNets); None: the default"
+        ),
+    ]
+    anchor_sizes: Annotated[
+        list[list[PositiveFloat]],
+        Field(description="anchor sizes in pixels, one list per feature map"),
+    ]
+    aspect_ratios: Annotated[
+        list[PositiveFloat] | list[list[PositiveFloat]],
+        Field(
+            description="anchor height/width ratios: one list for all feature maps, or one per map"
+        ),
+    ]
+    detections_per_img: Annotated[PositiveInt, Field(description="most detections kept per image")]
+    score_thresh: Annotated[
+        Fraction, Field(description="detections scoring below this are dropped")
+    ]
+    nms_thresh: Annotated[
+        Fraction, Field(description="IoU above which NMS suppresses the lower-scoring detection")
+    ]
+    box_detections_per_img: Annotated[
+        PositiveInt, Field(description="R-CNN name of detections_per_img")
+    ]
+    box_score_thresh: Annotated[Fraction, Field(description="R-CNN name of score_thresh")]
+    box_nms_thresh: Annotated[Fraction, Field(description="R-CNN name of nms_thresh")]
+    box_batch_size_per_image: Annotated[
+        PositiveInt, Field(description="RoIs sampled per image to train the box head")
+    ]
+    box_positive_fraction: Annotated[
+        Fraction, Field(description="share of positive RoIs in that sample")
+    ]
+    box_fg_iou_thresh: Annotated[Fraction, Field(description="IoU from which a RoI is a positive")]
+    box_bg_iou_thresh: Annotated[Fraction, Field(description="IoU below which a RoI is background")]
+    rpn_pre_nms_top_n_train: Annotated[
+        PositiveInt, Field(description="proposals per level before NMS, training")
+    ]
+    rpn_post_nms_top_n_train: Annotated[
+        PositiveInt, Field(description="proposals kept after NMS, training")
+    ]
+    rpn_pre_nms_top_n_test: Annotated[
+        PositiveInt, Field(description="proposals per level before NMS, evaluation")
+    ]
+    rpn_post_nms_top_n_test: Annotated[
+        PositiveInt, Field(description="proposals kept after NMS, evaluation")
+    ]
+    rpn_batch_size_per_image: Annotated[
+        PositiveInt, Field(description="anchors sampled per image to train the RPN")
+    ]
+    rpn_positive_fraction: Annotated[
+        Fraction, Field(description="share of positive anchors in that sample")
+    ]
+    rpn_nms_thresh: Annotated[Fraction, Field(description="the RPN's NMS IoU")]
+    rpn_fg_iou_thresh: Annotated[
+        Fraction, Field(description="IoU from which an anchor is a positive")
+    ]
+    rpn_bg_iou_thresh: Annotated[
+        Fraction, Field(description="IoU below which an anchor is background")
+    ]
+    rpn_score_thresh: Annotated[
+        Fraction, Field(description="proposals scoring below this are dropped")
+    ]
+    topk_candidates: Annotated[
+        PositiveInt, Field(description="RetinaNet/FCOS: candidates per level before NMS")
+    ]
+    image_mean: Annotated[
+        Annotated[list[Float], Field(min_length=3, max_length=3)], Field(description="RGB mean")
+    ]
+    image_std: Annotated[
+        Annotated[list[PositiveFloat], Field(min_length=3, max_length=3)],
+        Field(description="RGB std"),
+    ]
+    keep_classes: Annotated[
+        list[str] | None,
+        Field(description="COCO classes whose pretrained rows are kept, as labels 1, 2, ..."),
+    ]
+    keep_keypoints: Annotated[
+        list[str] | None, Field(description="Keypoint R-CNN: pretrained keypoints kept")
+    ]
+    num_keypoints: Annotated[
+        PositiveInt, Field(description="Keypoint R-CNN: keypoints per object (from the data)")
+    ]
+    num_levels: Annotated[
+        PositiveInt | None, Field(description="situation B: FPN levels, from stride 32 down")
+    ]
+    fpn_channels: Annotated[PositiveInt | None, Field(description="situation B: FPN width")]
+    mask_head_channels: Annotated[
+        PositiveInt, Field(description="situation B Mask R-CNN: mask head width")
+    ]
+    mask_head_norm: Annotated[
+        bool, Field(description="situation B Mask R-CNN: BatchNorm in the mask head")
+    ]
+    mask_levels: Annotated[
+        PositiveInt | None, Field(description="situation B Mask R-CNN: finest N levels for masks")
+    ]
+
+
+# Builder keywords that are options but not in any torchvision constructor's signature.
+_BUILDER_OPTIONS = {"trainable_backbone_layers", "num_levels", "fpn_channels", "size"}
+
+
+@functools.cache
+def known_model_options() -> frozenset[str]:
+    """Every option name some model takes: detfit's and every torchvision constructor's."""
+    import inspect
+
+    from detfit.models.options import BUILDER_SET, CLASSES, POST_BUILD
+
+    names = set(ModelOptions.__annotations__) | _BUILDER_OPTIONS | set(POST_BUILD)
+    for cls in CLASSES.values():
+        names |= set(inspect.signature(cls.__init__).parameters) - BUILDER_SET
+    return frozenset(names)
+
+
+def did_you_mean(name: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class TrainConfig(BaseModel):
+    """Every setting of a run. ``cfg.epochs`` reads and ``cfg.epochs = 5`` writes, validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
     # what to train
-    model: str = "maskrcnn_resnet50_fpn"
-    weights: str | None = "default"  # "default" = the registry's choice; DEFAULT, enum name, path
-    weights_backbone: str | None = "default"
-    model_options: dict[str, Any] = field(default_factory=dict)  # min_size, trainable layers, ...
+    model: str = Field(
+        "maskrcnn_resnet50_fpn", description="architecture (detfit models lists them)"
+    )
+    weights: str | None = Field(
+        "default",
+        description="detector weights: default (the model's), DEFAULT, an enum name, a .pth, none",
+    )
+    weights_backbone: str | None = Field(
+        "default", description="backbone weights: default, an enum name, a .pth file, or none"
+    )
+    model_options: ModelOptions = Field(
+        default_factory=dict, description="model options (see below and README 'Models')"
+    )
     # data
-    dataset: str = "pennfudan"
-    data_root: str | None = None  # None: download into detfit's cache
-    num_test: int = 50
-    split_seed: int = 0
-    photometric: bool = False
-    hflip_prob: float = 0.5
+    dataset: str = Field(
+        "pennfudan", description="pennfudan, FORMAT:PATH[,key=value] or a dataset .yaml"
+    )
+    data_root: str | None = Field(
+        None, description="Penn-Fudan folder; None: detfit's cache (downloaded once)"
+    )
+    num_test: PositiveInt = Field(
+        50, description="images held out for evaluation when the dataset gives no val/test split"
+    )
+    split_seed: Int = Field(0, description="seed of that held-out split")
+    photometric: bool = Field(False, description="colour jitter while training")
+    hflip_prob: Fraction = Field(0.5, description="probability of a horizontal flip in training")
     # optimisation (the tutorial's by default)
-    epochs: int = 10
-    max_iters_per_epoch: int | None = None  # cut epochs short: smoke runs and quick checks
-    batch_size: int = 2
-    eval_batch_size: int = 1
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.005
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    warmup_iters: int = 1000  # capped at the first epoch's length, as the references do
-    warmup_factor: float = 0.001
-    lr_schedule: str = "step"  # step | multistep | cosine | constant
-    lr_step_size: int = 3
-    lr_milestones: list[int] = field(default_factory=lambda: [8, 11])
-    lr_gamma: float = 0.1
-    clip_grad_norm: float | None = None
-    loss_weights: dict[str, float] = field(default_factory=dict)  # e.g. {loss_mask: 2.0}
-    ema_decay: float | None = None  # evaluate a moving average of the weights (e.g. 0.99)
-    amp: bool = False
-    checkpoint_every_iters: int | None = None  # also write last.pt every N training iterations
-    # torchrun: "linear" multiplies lr by the number of processes (lr is set for one process's
-    # batch); "none" keeps lr as given for the global batch of world_size x batch_size
-    lr_scaling: str = "none"
-    sync_bn: bool = False  # SyncBatchNorm under torchrun (BatchNorm layers that train)
+    epochs: PositiveInt = Field(10, description="training epochs")
+    max_iters_per_epoch: PositiveInt | None = Field(
+        None, description="cut epochs short (smoke runs); None: whole epochs"
+    )
+    batch_size: PositiveInt = Field(2, description="images per training batch")
+    eval_batch_size: PositiveInt = Field(1, description="images per evaluation batch")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
+    lr: PositiveFloat = Field(0.005, description="base learning rate")
+    momentum: Annotated[Float, Field(ge=0, lt=1)] = Field(0.9, description="SGD momentum")
+    weight_decay: Annotated[Float, Field(ge=0)] = Field(0.0005, description="weight decay")
+    warmup_iters: Annotated[int, Strict(), Field(ge=0)] = Field(
+        1000, description="linear warm-up iterations, capped at the first epoch's length"
+    )
+    warmup_factor: Annotated[Float, Field(gt=0, le=1)] = Field(
+        0.001, description="lr factor at the start of the warm-up"
+    )
+    lr_schedule: Literal["step", "multistep", "cosine", "constant"] = Field(
+        "step", description="decay after the warm-up"
+    )
+    lr_step_size: PositiveInt = Field(3, description="step: epochs between lr x lr_gamma")
+    lr_milestones: list[Annotated[int, Strict(), Field(ge=0)]] = Field(
+        default_factory=lambda: [8, 11], description="multistep: epochs where lr x lr_gamma"
+    )
+    lr_gamma: PositiveFloat = Field(0.1, description="step/multistep decay factor")
+    clip_grad_norm: PositiveFloat | None = Field(
+        None, description="clip the gradient norm to this; None: no clipping"
+    )
+    loss_weights: dict[str, Annotated[Float, Field(ge=0)]] = Field(
+        default_factory=dict, description="factor per named loss, e.g. {loss_mask: 2.0}"
+    )
+    ema_decay: Annotated[Float, Field(gt=0, lt=1)] | None = Field(
+        None, description="evaluate a moving average of the weights (e.g. 0.99); None: off"
+    )
+    amp: bool = Field(False, description="mixed precision (CUDA only)")
     # running
-    device: str = "auto"
-    workers: int = 2
-    threads: int | None = None  # torch intra-op threads on the CPU (None: torch's default)
-    seed: int = 0
-    aspect_ratio_group_factor: int = 3  # -1 disables grouped batching
-    print_freq: int = 10
-    out: str | None = None  # run folder (default runs/<model>-<n>)
-    recipe: str = "tutorial"
-    # recorded by the run: set by the launch, not by you
-    world_size: int = 1
-    global_batch_size: int | None = None
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
+    workers: Annotated[int, Strict(), Field(ge=0)] = Field(
+        2, description="data-loading processes (0: in the main process)"
+    )
+    threads: PositiveInt | None = Field(
+        None, description="torch intra-op threads on the CPU; None: torch's default"
+    )
+    seed: Annotated[int, Strict(), Field(ge=0, lt=2**32)] = Field(0, description="random seed")
+    aspect_ratio_group_factor: Annotated[int, Strict(), Field(ge=-1)] = Field(
+        3, description="grouped batching by aspect ratio; -1 disables it"
+    )
+    print_freq: PositiveInt = Field(10, description="iterations between log lines")
+    checkpoint_every_iters: PositiveInt | None = Field(
+        None, description="also write last.pt every N training iterations"
+    )
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none", description="linear: lr x world size under torchrun"
+    )
+    sync_bn: bool = Field(False, description="SyncBatchNorm under torchrun")
+    world_size: PositiveInt = Field(
+        1, description="recorded by the run: set by the launch, not by you"
+    )
+    global_batch_size: PositiveInt | None = Field(
+        None, description="recorded by the run: set by the launch, not by you"
+    )
+    out: str | None = Field(None, description="run folder; None: runs/<model>[-N]")
+    recipe: str = Field("tutorial", description="the recipe these settings started from")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from detfit.models.registry import MODELS
+
+        if name not in MODELS:
+            raise ValueError(f"not a model detfit builds{did_you_mean(name, list(MODELS))}")
+        return name
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, name: str) -> str:
+        if name not in RECIPES:
+            raise ValueError(f"must be one of {', '.join(RECIPES)}{did_you_mean(name, RECIPES)}")
+        return name
+
+    @field_validator("model_options", mode="wrap")
+    @classmethod
+    def _known_options(cls, options: Any, handler: Any) -> dict[str, Any]:
+        """Unknown names first (with a "did you mean"), then types; the user's order is kept."""
+        if isinstance(options, dict):
+            known = known_model_options()
+            unknown = [k for k in options if k not in known]
+            if unknown:  # one error per key, so each is reported as model_options.KEY=VALUE
+                raise ValidationError.from_exception_data(
+                    "model_options",
+                    [
+                        {
+                            "type": PydanticCustomError(
+                                "unknown_option",
+                                "no model takes this option"
+                                + did_you_mean(str(k), sorted(known)).replace("{", "("),
+                            ),
+                            "loc": (k,),
+                            "input": options[k],
+                        }
+                        for k in unknown
+                    ],
+                )
+        checked = handler(options)
+        return {k: checked[k] for k in options if k in checked}
+
+    # Validation errors become SettingsError (a DetfitError) wherever they are raised.
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise SettingsError(describe_errors(exc, data)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise SettingsError(describe_errors(exc, {name: value})) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data (what config.yaml and checkpoints hold)."""
+        return self.model_dump()
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with ``changes`` (as ``dataclasses.replace``)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DetfitError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], source: str = "") -> TrainConfig:
+        """Validate ``data``; ``source`` (a file, ``--set``) prefixes every problem line."""
+        prefix = f"{source}: " if source else ""
+        if not isinstance(data, dict):
+            raise SettingsError(f"{prefix}settings must be a mapping of names to values")
+        names = [k for k in data if not isinstance(k, str)]
+        if names:  # YAML keys can be numbers; pydantic's __init__ takes keywords only
+            raise SettingsError(f"{prefix}{names[0]!r} is not a setting name")
+        try:
+            return cls.model_validate(data)  # pydantic runs __init__, which raises SettingsError
+        except ValidationError as exc:
+            raise SettingsError(describe_errors(exc, data, source)) from None
+        except SettingsError as exc:
+            if not source:
+                raise
+            lines = str(exc).splitlines()
+            raise SettingsError("\n".join(prefix + line for line in lines)) from None
 
     def save(self, path: str | Path) -> None:
         from detfit.fileio import atomic_write_text
@@ -82,13 +376,106 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(load_settings(path), str(path))
+
+
+def load_settings(path: str | Path) -> dict[str, Any]:
+    """A settings file as plain data, not yet validated (so that overrides can still fix it)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SettingsError(f"{path}: cannot read settings ({first})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: a settings file must be a mapping of settings")
+    return data
+
+
+# Settings that hold a mapping: their problems are reported per key (model_options.min_size).
+_MAPPINGS = ("model_options", "loss_weights")
+
+
+def _lookup(data: Any, loc: tuple) -> Any:
+    for part in loc:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise DetfitError(f"{path}: cannot read config ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise DetfitError(f"{path}: a config must be a mapping of settings")
-        return cls.from_dict(data, str(path))
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _message(error: dict[str, Any]) -> str:
+    msg = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    msg = msg.replace("Input should be", "must be").replace("Input", "value")
+    return msg.replace("Extra inputs are not permitted", "unknown")
+
+
+def describe_errors(exc: ValidationError, data: dict[str, Any], source: str = "") -> str:
+    """One line per setting in error: ``key=value: what is allowed`` (union branches joined)."""
+    found: dict[str, tuple[Any, list[str]]] = {}
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        depth = 2 if loc and loc[0] in _MAPPINGS and len(loc) > 1 else 1
+        key_loc = loc[:depth]
+        key = ".".join(map(str, key_loc)) or "settings"
+        if error["type"] == "extra_forbidden":
+            fields = list(TrainConfig.model_fields)
+            msg = f"unknown setting{did_you_mean(str(loc[-1]), fields)}"
+        else:
+            msg = _message(error)
+        value = _lookup(data, key_loc) if key_loc else None
+        messages = found.setdefault(key, (value, []))[1]
+        if msg not in messages:
+            messages.append(msg)
+    prefix = f"{source}: " if source else ""
+    lines = []
+    for key, (value, messages) in found.items():
+        text = messages[0] + "".join(", or " + m.removeprefix("must be ") for m in messages[1:])
+        lines.append(f"{prefix}{key}={value!r}: {text}")
+    return "\n".join(lines)
+
+
+def merge_settings(
+    base: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    sets: Sequence[str] = (),
+) -> dict[str, Any]:
+    """``base`` with ``overrides`` (None values skipped; mappings such as ``model_options``
+    merged key by key) and then ``--set KEY=VALUE`` items (YAML values; ``a.b=1`` reaches into a
+    mapping). The one place settings are combined: the CLI, recipes and the sweep use it."""
+    merged = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **copy.deepcopy(value)}
+        else:
+            merged[key] = copy.deepcopy(value)
+    for item in sets:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise SettingsError(
+                f"--set {item!r}: expected KEY=VALUE, e.g. epochs=5 or model_options.min_size=512"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise SettingsError(f"--set {item}: {text!r} is not a YAML value ({first})") from None
+        node = merged
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise SettingsError(
+                    f"--set {item}: {where}={child!r} is a single value, it has no keys to set"
+                )
+            node = child
+        node[parts[-1]] = value
+    return merged
 
 
 # Named recipes: overrides on TrainConfig's defaults, one place for every tuned number.
@@ -137,12 +524,56 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def recipe_config(name: str, **overrides: Any) -> TrainConfig:
-    """A TrainConfig for recipe ``name`` with ``overrides`` applied on top."""
+    """A TrainConfig for recipe ``name`` with ``overrides`` merged on top (see merge_settings)."""
     if name not in RECIPES:
         raise DetfitError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
-    data = {
-        **RECIPES[name],
-        **{k: v for k, v in overrides.items() if v is not None},
-        "recipe": name,
-    }
+    data = merge_settings(RECIPES[name], overrides)
+    data["recipe"] = name
     return TrainConfig.from_dict(data, f"recipe {name}")
+
+
+def _schema_type(schema: dict[str, Any]) -> str:
+    """A JSON-schema node as a short type: ``int >= 1``, ``float in [0, 1]``, ``sgd | adamw``."""
+    if "anyOf" in schema:
+        return " | ".join(_schema_type(s) for s in schema["anyOf"])
+    if "enum" in schema:
+        return " | ".join(map(str, schema["enum"]))
+    if "const" in schema:
+        return str(schema["const"])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return f"list[{_schema_type(schema.get('items', {}))}]"
+    if kind == "object":
+        extra = schema.get("additionalProperties")
+        return f"dict[str, {_schema_type(extra)}]" if isinstance(extra, dict) else "mapping"
+    name = {"integer": "int", "number": "float", "string": "str", "boolean": "bool"}.get(kind, kind)
+    low = high = None
+    for key, bound in (("minimum", "["), ("ge", "["), ("exclusiveMinimum", "("), ("gt", "(")):
+        low = (bound, schema[key]) if key in schema else low
+    for key, bound in (("maximum", "]"), ("le", "]"), ("exclusiveMaximum", ")"), ("lt", ")")):
+        high = (bound, schema[key]) if key in schema else high
+    if low and high:
+        return f"{name} in {low[0]}{_num(low[1])}, {_num(high[1])}{high[0]}"
+    if low:
+        return f"{name} {'>=' if low[0] == '[' else '>'} {_num(low[1])}"
+    if high:
+        return f"{name} {'<=' if high[0] == ']' else '<'} {_num(high[1])}"
+    return name
+
+
+def _num(value: float) -> str:
+    return str(value) if isinstance(value, int) and value < 10**6 else f"{value:g}"
+
+
+def settings_table() -> list[tuple[str, str, str, str]]:
+    """(name, type, default, meaning) for every setting, then every known model option."""
+    schema = TrainConfig.model_json_schema()
+    rows = []
+    for name, prop in schema["properties"].items():
+        kind = "mapping" if name == "model_options" else _schema_type(prop)
+        default = TrainConfig.model_fields[name].get_default(call_default_factory=True)
+        rows.append((name, kind, "null" if default is None else str(default), prop["description"]))
+    options = schema["$defs"]["ModelOptions"]["properties"]
+    for name, prop in options.items():
+        rows.append((f"model_options.{name}", _schema_type(prop), "-", prop["description"]))
+    return rows

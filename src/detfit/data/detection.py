@@ -1,9 +1,11 @@
 """The dataset contract for any annotation format: ``(image, target)`` as the tutorial defines it.
 
 ``target``: ``boxes`` (float32 [N,4] XYXY), ``labels`` (int64, 1..K), ``image_id`` (int64 [1], the
-source's id), ``area``, ``iscrowd`` (uint8) and, when the set has them, ``masks`` (uint8 [N,H,W])
-and ``keypoints`` (float32 [N,K,3]). Training targets leave crowd/difficult regions out; evaluation
-targets keep them with ``iscrowd=1`` so COCO evaluation ignores detections on them.
+source's id), ``area`` (the file's own where it has one, as pycocotools reads it; else the mask's
+pixel count, or the box's area without masks), ``iscrowd`` (uint8) and, when the set has them,
+``masks`` (uint8 [N,H,W]) and ``keypoints`` (float32 [N,K,3]). Training targets leave
+crowd/difficult regions out; evaluation targets keep them with ``iscrowd=1`` so COCO evaluation
+ignores detections on them.
 Repairs happen here, silently (the up-front check has already said so): boxes are clipped to the
 image and boxes with no area after clipping are dropped.
 """
@@ -25,6 +27,18 @@ from detfit.data.transforms import restore_keypoints, to_tv_tensors
 MIN_BOX_SIZE = 1.0  # pixels; as SanitizeBoundingBoxes' default, so transforms drop nothing more
 
 
+def clamp_polygons(polygons: list[list[float]], height: int, width: int) -> list[list[float]]:
+    """Polygons with points kept within one image size of the image: pycocotools converts
+    coordinates to C ints unchecked, so a point at 1e300 would exhaust memory or crash. The data
+    check reports such points as errors; this only guards the rasteriser."""
+    out = []
+    for polygon in polygons:
+        xs = np.clip(np.asarray(polygon[0::2], np.float64), -width, 2 * width)
+        ys = np.clip(np.asarray(polygon[1::2], np.float64), -height, 2 * height)
+        out.append(np.stack([xs, ys], 1).reshape(-1).tolist())
+    return out
+
+
 def rasterize(instance: Instance, height: int, width: int, ids: torch.Tensor | None) -> np.ndarray:
     """The instance's mask as uint8 [H, W] from its polygons, RLE or id in the mask PNG."""
     if instance.mask_value is not None and ids is not None:
@@ -33,6 +47,7 @@ def rasterize(instance: Instance, height: int, width: int, ids: torch.Tensor | N
         polygons = [p for p in instance.polygons if len(p) >= 6]
         if not polygons:
             return np.zeros((height, width), np.uint8)
+        polygons = clamp_polygons(polygons, height, width)
         rle = mask_util.merge(mask_util.frPyObjects(polygons, height, width))
     elif instance.rle is not None:
         rle = instance.rle
@@ -70,7 +85,7 @@ def build_target(
 ) -> dict[str, Any]:
     """Target tensors for ``record`` on an image of ``height`` x ``width``."""
     ids = load_mask_ids(record.mask_path) if with_masks and record.mask_path else None
-    boxes, labels, crowd, masks, keypoints = [], [], [], [], []
+    boxes, labels, crowd, masks, keypoints, given_areas = [], [], [], [], [], []
     for inst in record.instances:
         if inst.crowd and not include_crowd:
             continue
@@ -85,6 +100,7 @@ def build_target(
         boxes.append((x1, y1, x2, y2))
         labels.append(inst.label)
         crowd.append(int(inst.crowd))
+        given_areas.append(inst.area)
         if with_masks:
             masks.append(mask)
         if num_keypoints:
@@ -105,6 +121,9 @@ def build_target(
         target["area"] = (box_tensor[:, 2] - box_tensor[:, 0]) * (
             box_tensor[:, 3] - box_tensor[:, 1]
         )
+    for k, area in enumerate(given_areas):  # the file's own area (COCO) is what APs/m/l use
+        if area is not None:
+            target["area"][k] = float(area)
     if num_keypoints:
         target["keypoints"] = torch.tensor(keypoints, dtype=torch.float32).reshape(
             -1, num_keypoints, 3

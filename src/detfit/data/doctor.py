@@ -8,12 +8,15 @@ boxes, EXIF orientation, grayscale/RGBA/16-bit images) are repaired when the dat
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from detfit.data.detection import MIN_BOX_SIZE
-from detfit.data.images import read_header
+from detfit.data.images import decode_check, read_header
 from detfit.data.records import AnnotatedSet, ImageRecord, Problem
 from detfit.errors import DetfitError
 
@@ -38,14 +41,32 @@ def _rle_size(rle: dict) -> tuple[int, int] | None:
     return (int(size[0]), int(size[1])) if size and len(size) == 2 else None
 
 
-def check_record(record: ImageRecord, read_images: bool = True) -> list[Problem]:
-    """Problems of one image and its annotations."""
+# Images per split from which the full decode runs in threads (PIL releases the GIL).
+PARALLEL_FROM = 16
+
+
+def _far_outside(polygons: list[list[float]], width: int, height: int) -> bool:
+    """A point beyond one image size outside the image: not this image's annotation."""
+    return any(
+        not (-width <= x <= 2 * width and -height <= y <= 2 * height)
+        for polygon in polygons
+        for x, y in zip(polygon[0::2], polygon[1::2])
+    )
+
+
+def check_record(
+    record: ImageRecord, read_images: bool = True, decode: bool = True
+) -> list[Problem]:
+    """Problems of one image and its annotations. ``decode``: every pixel is decoded, so a
+    truncated or corrupt file is found here rather than in the middle of an epoch."""
     problems: list[Problem] = []
     name = str(record.path)
     width, height = record.width, record.height
     if read_images:
         try:
             header = read_header(record.path)
+            if decode:
+                decode_check(record.path)
         except DetfitError as exc:
             return [Problem(name, str(exc).split(": ", 1)[-1], fatal=True)]
         if header.mode != "RGB":
@@ -84,6 +105,21 @@ def check_record(record: ImageRecord, read_images: bool = True) -> list[Problem]
             problems.append(
                 Problem(name, f"{what}: mask is {w}x{h} but the image is {width}x{height}", True)
             )
+        if (
+            inst.polygons is not None
+            and width
+            and height
+            and _far_outside(inst.polygons, width, height)
+        ):
+            problems.append(
+                Problem(
+                    name, f"{what}: polygon point more than an image size outside the image", True
+                )
+            )
+        if inst.polygons is not None and any(len(p) % 2 for p in inst.polygons):
+            problems.append(
+                Problem(name, f"{what}: polygon with an odd number of coordinates (last ignored)")
+            )
         if inst.polygons is not None and any(len(p) < 6 for p in inst.polygons):
             problems.append(
                 Problem(name, f"{what}: polygon with fewer than 3 points (part ignored)")
@@ -107,17 +143,41 @@ def check_record(record: ImageRecord, read_images: bool = True) -> list[Problem]
     return problems
 
 
+Progress = Callable[[Iterable, int], Iterable]
+
+
 def check(
     annotations: AnnotatedSet,
     read_images: bool = True,
-    progress: Callable | None = None,
+    progress: Progress | None = None,
+    *,
+    decode: bool = True,
+    workers: int | None = None,
 ) -> list[Problem]:
-    """Every problem of a split: those found while reading it, then per image."""
+    """Every problem of a split: those found while reading it, then per image (in order).
+
+    ``progress(iterable, total)`` wraps the per-image results (e.g. a tqdm bar); full decodes
+    of more than a few images run in ``workers`` threads (default: one per core, up to 8).
+    """
     problems = list(annotations.problems)
-    records = annotations.images if progress is None else progress(annotations.images)
-    for record in records:
-        problems.extend(check_record(record, read_images))
+    records = annotations.images
+    one = partial(check_record, read_images=read_images, decode=decode)
+    threads = workers or min(8, os.cpu_count() or 1)
+    if read_images and decode and threads > 1 and len(records) >= PARALLEL_FROM:
+        with ThreadPoolExecutor(threads) as pool:
+            problems.extend(_flatten(_wrap(pool.map(one, records), len(records), progress)))
+    else:
+        problems.extend(_flatten(_wrap(map(one, records), len(records), progress)))
     return problems
+
+
+def _wrap(results: Iterable, total: int, progress: Progress | None) -> Iterable:
+    return results if progress is None else progress(results, total)
+
+
+def _flatten(results: Iterable[list[Problem]]) -> Iterator[Problem]:
+    for found in results:
+        yield from found
 
 
 def _spread(values: list[float]) -> str:
@@ -161,9 +221,16 @@ def summary(annotations: AnnotatedSet) -> list[str]:
 MAX_WARNING_LINES = 20
 
 
-def validate(sets: list[AnnotatedSet], spec_text: str, log: Callable[[str], None] = print) -> None:
+def validate(
+    sets: list[AnnotatedSet],
+    spec_text: str,
+    log: Callable[[str], None] = print,
+    progress: Progress | None = None,
+) -> None:
     """Training's check: one line per repaired problem (up to 20), DetfitError on a fatal one."""
-    problems = [p for s in sets for p in check(s)]
+    if progress is None:
+        progress = _progress_bar
+    problems = [p for s in sets for p in check(s, progress=progress)]
     fatal = [p for p in problems if p.fatal]
     if fatal:
         more = (
@@ -179,3 +246,10 @@ def validate(sets: list[AnnotatedSet], spec_text: str, log: Callable[[str], None
             f"... and {len(problems) - MAX_WARNING_LINES} more repaired problems "
             f"(detfit data check {spec_text})"
         )
+
+
+def _progress_bar(results: Iterable, total: int) -> Iterable:
+    """A bar on a terminal only (tqdm's disable=None), gone when done."""
+    from tqdm.auto import tqdm
+
+    return tqdm(results, total=total, desc="checking the data", leave=False, disable=None)

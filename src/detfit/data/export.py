@@ -15,7 +15,7 @@ from typing import Any
 
 import pycocotools.mask as mask_util
 
-from detfit.data.detection import rasterize
+from detfit.data.detection import clamp_polygons, rasterize
 from detfit.data.images import load_mask_ids, read_header
 from detfit.data.records import AnnotatedSet
 from detfit.fileio import atomic_write_text
@@ -60,7 +60,10 @@ def to_coco(annotations: AnnotatedSet, out_dir: Path) -> dict[str, Any]:
             rle = None
             if inst.polygons is not None:
                 ann["segmentation"] = inst.polygons
-                rle = mask_util.merge(mask_util.frPyObjects(inst.polygons, height, width))
+                parts = clamp_polygons([q for q in inst.polygons if len(q) >= 6], height, width)
+                rle = (
+                    mask_util.merge(mask_util.frPyObjects(parts, height, width)) if parts else None
+                )
             elif inst.rle is not None:
                 ann["segmentation"] = inst.rle
                 rle = inst.rle

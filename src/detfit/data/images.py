@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 
 from detfit.errors import DetfitError
@@ -17,6 +17,18 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 TORCHVISION_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
 EXIF_ORIENTATION = 0x0112
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+# PIL's format plugins signal a damaged file with many exception types (OSError, SyntaxError,
+# EOFError, struct.error, IndexError, DecompressionBombError, ...): all mean "cannot read it".
+BROKEN_FILE_ERRORS = (Exception,)
+
+
+def error_text(exc: BaseException) -> str:
+    """A library's message, first line only, without torchvision's C++ source location."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    parts = text.split(", ")
+    if len(parts) >= 3 and ".cpp:" in parts[1]:  # "decode_jpeg, /path/decode_jpeg.cpp:171, msg"
+        text = ", ".join(parts[2:])
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +53,24 @@ def read_header(path: Path) -> ImageHeader:
             mode = im.mode
     except FileNotFoundError:
         raise DetfitError(f"{path}: image file not found") from None
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DetfitError(f"{path}: unreadable image ({exc})") from None
+    except BROKEN_FILE_ERRORS as exc:
+        raise DetfitError(f"{path}: unreadable image ({error_text(exc)})") from None
     stored = (width, height)
     if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: displayed width is stored height
         width, height = height, width
     return ImageHeader(width, height, mode, int(orientation or 1), stored)
+
+
+def decode_check(path: Path) -> None:
+    """Decode every pixel of ``path`` (PIL: fast, and threads run in parallel); DetfitError when
+    the file is truncated or corrupt, as training's decode would fail on it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except FileNotFoundError:
+        raise DetfitError(f"{path}: image file not found") from None
+    except BROKEN_FILE_ERRORS as exc:
+        raise DetfitError(f"{path}: cannot decode image ({error_text(exc)})") from None
 
 
 def load_rgb(path: Path) -> torch.Tensor:
@@ -67,9 +91,8 @@ def load_rgb(path: Path) -> torch.Tensor:
                 image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
     except FileNotFoundError:
         raise DetfitError(f"{path}: image not found") from None
-    except (OSError, RuntimeError, UnidentifiedImageError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DetfitError(f"{path}: cannot decode image ({first})") from None
+    except BROKEN_FILE_ERRORS as exc:
+        raise DetfitError(f"{path}: cannot decode image ({error_text(exc)})") from None
     if image.dtype == torch.uint16:
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     return image.contiguous()
@@ -82,10 +105,14 @@ def load_mask_ids(path: Path) -> torch.Tensor:
             array = np.asarray(im)
     except FileNotFoundError:
         raise DetfitError(f"{path}: mask file not found") from None
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DetfitError(f"{path}: unreadable mask ({exc})") from None
+    except BROKEN_FILE_ERRORS as exc:
+        raise DetfitError(f"{path}: unreadable mask ({error_text(exc)})") from None
     if array.ndim == 3:  # an RGB mask: ids in the first channel
         array = array[..., 0]
+    if array.dtype.kind == "f" and not (
+        np.isfinite(array).all() and (array == array.round()).all()
+    ):
+        raise DetfitError(f"{path}: unreadable mask (values are not whole instance ids)")
     return torch.from_numpy(array.astype(np.int64))
 
 

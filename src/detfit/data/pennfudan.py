@@ -17,6 +17,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import masks_to_boxes
 
+from detfit.data.images import error_text
 from detfit.errors import DetfitError
 from detfit.paths import data_dir
 
@@ -32,7 +33,8 @@ class PennFudanDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` is ``(image, target)``: a uint8 ``tv_tensors.Image`` [3,H,W] and a dict with
     ``boxes`` (float32 [N,4] XYXY, derived from the instance masks), ``labels`` (int64, all 1),
-    ``image_id`` (int64 [1]), ``area`` (box area, float32), ``iscrowd`` (uint8 zeros) and
+    ``image_id`` (int64 [1]), ``area`` (the mask's pixel count, float32: COCO's convention, which
+    APs/APm/APl use; the tutorial's own class used the box area), ``iscrowd`` (uint8 zeros) and
     ``masks`` (uint8 [N,H,W]). Boxes and masks are tv_tensors, so v2 transforms move them together.
     """
 
@@ -59,8 +61,8 @@ class PennFudanDataset(torch.utils.data.Dataset):
         return height, width
 
     def __getitem__(self, idx: int) -> tuple[Any, dict[str, torch.Tensor]]:
-        img = decode_image(str(self.imgs[idx]), mode=ImageReadMode.RGB)
-        mask = decode_image(str(self.masks[idx]))[0]
+        img = _decode(self.imgs[idx], ImageReadMode.RGB)
+        mask = _decode(self.masks[idx], ImageReadMode.UNCHANGED)[0]
         obj_ids = instance_ids(mask)
         masks = (mask[None] == obj_ids[:, None, None]).to(torch.uint8)
         boxes = masks_to_boxes(masks) if len(obj_ids) else torch.zeros((0, 4))
@@ -69,7 +71,7 @@ class PennFudanDataset(torch.utils.data.Dataset):
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=canvas),
             "labels": torch.ones((len(obj_ids),), dtype=torch.int64),
             "image_id": torch.tensor([idx], dtype=torch.int64),
-            "area": ((boxes[:, 3] - boxes[:, 1]) * (boxes[:, 2] - boxes[:, 0])).float(),
+            "area": masks.flatten(1).sum(1).to(torch.float32),  # pixels, as COCO's area
             "iscrowd": torch.zeros((len(obj_ids),), dtype=torch.uint8),
             "masks": tv_tensors.Mask(masks),
         }
@@ -77,6 +79,15 @@ class PennFudanDataset(torch.utils.data.Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+
+def _decode(path: Path, mode: ImageReadMode) -> torch.Tensor:
+    """torchvision's decode, as the tutorial's; a damaged file (changed since the check) is a
+    DetfitError naming it, not a C++ error from inside a DataLoader worker."""
+    try:
+        return decode_image(str(path), mode=mode)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise DetfitError(f"{path}: cannot decode image ({error_text(exc)})") from None
 
 
 def instance_ids(mask: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from detfit.config import TrainConfig
 from detfit.data import (
+    AnnotatedSet,
     DatasetSpec,
     DetectionDataset,
     PennFudanDataset,
@@ -23,6 +24,7 @@ from detfit.data import (
     train_transforms,
     validate,
 )
+from detfit.data.formats.masks import read_mask_folder
 from detfit.data.sampling import EpochBatches, PerItemSeed, ShardBatches
 from detfit.errors import DetfitError
 
@@ -30,42 +32,65 @@ from detfit.errors import DetfitError
 @dataclass
 class Datasets:
     train: Dataset
-    test: Dataset
+    test: Dataset  # the held-out split that is evaluated
     classes: list[str]
     category_ids: list[int] | None = None  # the source's category id per label
     has_masks: bool = True
     keypoint_names: list[str] | None = None
+    held_out: str = "split"  # where ``test`` comes from: "val", "test" or "split" (seeded)
+    max_objects: int = 0  # the most objects in one training image (detection caps adapt to it)
+
+
+def held_out_count(n: int, cfg: TrainConfig, what: str, log: Callable[[str], None]) -> int:
+    """Images the seeded split holds out: ``num_test``, or a fifth when the set is smaller."""
+    if n < 2:
+        raise DetfitError(f"{what}: {n} image(s); a seeded split needs at least 2 (or give val=)")
+    if cfg.num_test < n:
+        return cfg.num_test
+    num_test = max(1, n // 5)
+    log(f"{what}: {n} images, fewer than num_test={cfg.num_test}; holding out {num_test}")
+    return num_test
 
 
 def build_datasets(
-    cfg: TrainConfig, download: bool = True, log: Callable[[str], None] = print
+    cfg: TrainConfig,
+    download: bool = True,
+    log: Callable[[str], None] = print,
+    *,
+    held_out: str = "val",
 ) -> Datasets:
-    """The configured dataset, checked, with its held-out split (a given val split, or the seeded
-    tutorial split). Fatal annotation problems stop here with one line naming the file."""
+    """The configured dataset, checked, with the split that is evaluated: the spec's ``held_out``
+    split ("val" while training, "test" for ``detfit eval``) if it names one, else the other of
+    val/test, else the seeded tutorial split of ``num_test`` images.
+
+    Every format, Penn-Fudan included, goes through the same check first (every image decoded):
+    fatal problems stop here with one line naming the file.
+    """
     spec = DatasetSpec.parse(cfg.dataset)
     if spec.format == "pennfudan":
         given = str(spec.train.path) if str(spec.train.path) != "." else None
         root = resolve_pennfudan(given or cfg.data_root, download=download)
+        records = read_mask_folder(root, ["person"])
+        validate([records], spec.text or "pennfudan", log)
         train_full = PennFudanDataset(root, train_transforms(cfg.hflip_prob, cfg.photometric))
         test_full = PennFudanDataset(root, eval_transforms())
-        train, test = split_dataset(train_full, test_full, cfg.num_test, cfg.split_seed)
-        return Datasets(train, test, list(PennFudanDataset.classes))
+        num_test = held_out_count(len(train_full), cfg, str(root), log)
+        train, test = split_dataset(train_full, test_full, num_test, cfg.split_seed)
+        return Datasets(
+            train, test, list(PennFudanDataset.classes), max_objects=most_objects(records)
+        )
 
     train_set = spec.read("train")
-    eval_set = spec.read("val", train_set.classes) if spec.val is not None else None
+    order = ("val", "test") if held_out == "val" else ("test", "val")
+    source = next((s for s in order if getattr(spec, s) is not None), "split")
+    eval_set = spec.read(source, train_set.classes) if source != "split" else None
     train_tf = train_transforms(cfg.hflip_prob, cfg.photometric, train_set.keypoint_names)
     validate([train_set] + ([eval_set] if eval_set else []), spec.text, log)
     if eval_set is not None:
         train = DetectionDataset(train_set, train_tf, train=True)
         test = DetectionDataset(eval_set, eval_transforms())
     else:
-        n = len(train_set.images)
-        num_test = cfg.num_test
-        if num_test >= n:
-            num_test = max(1, n // 5)
-            log(
-                f"{spec.text}: {n} images, fewer than num_test={cfg.num_test}; holding out {num_test}"
-            )
+        num_test = held_out_count(len(train_set.images), cfg, spec.text, log)
         train, test = split_dataset(
             DetectionDataset(train_set, train_tf, train=True),
             DetectionDataset(train_set, eval_transforms()),
@@ -79,7 +104,14 @@ def build_datasets(
         train_set.category_ids,
         train_set.has_masks and (eval_set is None or eval_set.has_masks),
         train_set.keypoint_names,
+        source,
+        most_objects(train_set),
     )
+
+
+def most_objects(records: AnnotatedSet) -> int:
+    """The most annotated objects in any one image of ``records``."""
+    return max((len(r.instances) for r in records.images), default=0)
 
 
 @dataclass

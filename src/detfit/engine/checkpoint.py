@@ -21,15 +21,6 @@ def holds_run(folder: Path) -> bool:
     return any((Path(folder) / name).exists() for name in RUN_FILES)
 
 
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete the ``.NAME.*.tmp`` files an interrupted atomic write left (a kill -9 during a
-    save); only one process may be writing in ``folder``. Returns what was removed."""
-    stale = sorted(Path(folder).glob(".*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
-
-
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
     """Write ``checkpoint`` so that ``path`` is always either the old or the new complete file."""
     atomic_write(Path(path), lambda f: torch.save(checkpoint, f))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from detfit import distributed
-from detfit.config import TrainConfig
+from detfit.config import RECIPES, TrainConfig
 from detfit.engine.builders import (
     Datasets,
     build_datasets,
@@ -42,7 +42,6 @@ from detfit.engine.checkpoint import (
     RUN_FILES,
     holds_run,
     load_checkpoint,
-    remove_stale_temp_files,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -51,8 +50,15 @@ from detfit.engine.interrupt import StopRequest
 from detfit.engine.loop import LossMeter, StepResult, TrainStep
 from detfit.errors import DetfitError, Interrupted
 from detfit.eval.loop import EvaluationResult, evaluate
-from detfit.models import build_model, get_spec, iou_types, model_info, rebuild_model
-from detfit.models.backbone_detectors import MASK_HEAD_OPTIONS
+from detfit.fileio import remove_stale_temp_files
+from detfit.models import (
+    build_model,
+    get_spec,
+    inapplicable_options,
+    iou_types,
+    model_info,
+    rebuild_model,
+)
 from detfit.paths import DEFAULT_RUNS_DIR
 
 # Settings that may change when a run is resumed; any other change is refused.
@@ -104,20 +110,44 @@ def flatten_per_class(per_class: dict[str, dict[str, float]]) -> dict[str, float
     return {f"{iou}_AP/{name}": ap for iou, aps in per_class.items() for name, ap in aps.items()}
 
 
+# COCO's metric counts at most 100 detections per image: no cap above it changes AP.
+COCO_MAX_DETECTIONS = 100
+
+
 def options_for_data(
     cfg: TrainConfig, data: Datasets, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """The model options, completed by what the data decides (the number of keypoints).
+    """The model options, completed by what the data decides.
 
-    A recipe tuned for a mask model (the CPU recipe) stays usable with ``--model`` set to a box
-    model: its mask-head options are dropped, with one line saying so.
+    - A recipe tuned for one model (the CPU recipe: a Mask R-CNN on detfit's own FPN) stays usable
+      with ``--model`` set to another: the recipe's options that model has no use for are dropped,
+      with one line; the same options set by the user are an error.
+    - A recipe's detection cap below twice the most objects in any training image (the CPU
+      recipe's 30 suits Penn-Fudan's at most 8 people) is raised to that, at most 100, with one
+      line: a cap would otherwise cut recall on crowded images without a word.
+    - Keypoint models get ``num_keypoints`` from the data.
     """
     options = dict(cfg.model_options)
     spec = get_spec(cfg.model)
-    dropped = [k for k in MASK_HEAD_OPTIONS if k in options and not spec.has_masks]
-    if dropped:
-        log(f"{cfg.model} has no mask head: ignoring {', '.join(dropped)}")
-        options = {k: v for k, v in options.items() if k not in dropped}
+    recipe = RECIPES.get(cfg.recipe, {}).get("model_options", {})
+    unusable = inapplicable_options(cfg.model, options)
+    yours = [k for k in unusable if k not in recipe or recipe[k] != options[k]]
+    if yours:
+        raise DetfitError(f"{cfg.model} does not take model option(s) {', '.join(yours)}")
+    if unusable:
+        log(f"{cfg.model} does not use the {cfg.recipe} recipe's {', '.join(unusable)}: ignored")
+        options = {k: v for k, v in options.items() if k not in unusable}
+    cap_key = next(
+        (k for k in ("box_detections_per_img", "detections_per_img") if k in options), None
+    )
+    if cap_key and recipe.get(cap_key) == options[cap_key] and data.max_objects:
+        needed = min(2 * data.max_objects, COCO_MAX_DETECTIONS)
+        if options[cap_key] < needed:
+            log(
+                f"{cap_key}: the {cfg.recipe} recipe's {options[cap_key]} raised to {needed} "
+                f"(a training image has {data.max_objects} objects)"
+            )
+            options[cap_key] = needed
     if spec.has_keypoints:
         if not data.keypoint_names:
             raise DetfitError(f"{cfg.dataset}: has no keypoints, and {cfg.model} needs them")
@@ -356,7 +386,8 @@ class Trainer:
         cfg, ckpt = self.cfg, self.checkpoint
         if ckpt is not None:
             # with EMA, "model" holds the averaged (evaluated) weights and "train_model" the raw
-            model = rebuild_model(ckpt["model_info"], ckpt.get("train_model") or ckpt["model"])
+            weights = ckpt.get("train_model") or ckpt["model"]
+            model = rebuild_model(ckpt["model_info"], weights, f"{self.run_dir}/last.pt")
             return model, ckpt["model_info"]
         options = options_for_data(cfg, self.data, self.log)
         model = build_model(

@@ -37,7 +37,7 @@ def evaluate_checkpoint(
     dev = distributed.resolve_device(device)
     with distributed.process_group(dev):
         with distributed.main_first():
-            datasets = build_datasets(cfg, log=lambda line: None)
+            datasets = build_datasets(cfg, log=lambda line: None, held_out="test")
         classes = ckpt["model_info"].get("classes")
         if classes and datasets.classes != classes:
             raise DetfitError(
@@ -45,7 +45,7 @@ def evaluate_checkpoint(
                 f"{classes[1:]}"
             )
         loaders = build_loaders(cfg, datasets, distributed.rank(), distributed.world_size())
-        model = rebuild_model(ckpt["model_info"], ckpt["model"]).to(dev)
+        model = rebuild_model(ckpt["model_info"], ckpt["model"], str(checkpoint)).to(dev)
         return evaluate(
             model,
             loaders.test,

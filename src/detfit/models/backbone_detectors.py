@@ -23,6 +23,7 @@ from detfit.models.weights import NO_WEIGHTS
 
 HEADS = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
 MASK_HEAD_OPTIONS = ("mask_head_channels", "mask_head_norm", "mask_levels")  # Mask R-CNN only
+FPN_OPTIONS = ("num_levels", "fpn_channels")  # <head>_<backbone>_fpn only
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from detfit.data.images import list_images, load_mask_ids, read_header
 from detfit.data.records import AnnotatedSet, ImageRecord, Instance, Problem, class_list
@@ -50,7 +50,7 @@ def read_mask_folder(
                 maps[mask_path] = {
                     int(k): str(v) for k, v in json.loads(sidecar.read_text()).items()
                 }
-            except (ValueError, AttributeError) as exc:
+            except (OSError, ValueError, AttributeError, TypeError) as exc:
                 problems.append(Problem(str(sidecar), f"not an id -> class map ({exc})", True))
         pairs.append((image_path, mask_path))
     if names is None:
@@ -63,7 +63,7 @@ def read_mask_folder(
     for index, (image_path, mask_path) in enumerate(pairs):
         try:
             header = read_header(image_path)
-            ids_map = load_mask_ids(mask_path)
+            ids_map = load_mask_ids(mask_path).numpy()  # numpy: one thread, fast
         except DetfitError as exc:
             problems.append(Problem(*str(exc).split(": ", 1), fatal=True))
             continue
@@ -85,9 +85,12 @@ def read_mask_folder(
             mask_path=mask_path,
             file_name=image_path.name,
         )
-        counts = torch.bincount(ids_map.flatten())
+        values = np.unique(ids_map).tolist()  # not bincount: ids may be huge or negative
+        if values and values[0] < 0:
+            problems.append(Problem(str(mask_path), f"negative instance id {values[0]}", True))
+            continue
         class_map = maps.get(mask_path, {})
-        for value in counts.nonzero().flatten().tolist():
+        for value in values:
             if value == 0:
                 continue
             name = class_map.get(value, classes[1] if not class_map else None)
@@ -96,7 +99,7 @@ def read_mask_folder(
                     Problem(str(mask_path), f"instance {value} has no known class ({name})", True)
                 )
                 continue
-            ys, xs = torch.nonzero(ids_map == value, as_tuple=True)
+            ys, xs = np.nonzero(ids_map == value)
             box = (float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1)
             record.instances.append(Instance(label=label_of[name], box=box, mask_value=value))
         if record.instances or not drop_empty:

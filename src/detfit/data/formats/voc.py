@@ -7,6 +7,7 @@ never trained on, as in the VOC protocol.
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -19,8 +20,11 @@ def voc_root_and_ids(path: Path) -> tuple[Path, list[str] | None]:
     path = Path(path)
     if path.is_file() and path.suffix == ".txt":
         root = path.parents[2] if path.parent.name == "Main" else path.parent
-        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-        return root, ids
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, ValueError) as exc:
+            raise DetfitError(f"{path}: cannot read the list of ids ({exc})") from None
+        return root, [line.split()[0] for line in lines if line.strip()]
     if (path / "Annotations").is_dir():
         return path, None
     raise DetfitError(f"{path}: not a VOC folder (no Annotations/) nor an ImageSets .txt list")
@@ -29,6 +33,21 @@ def voc_root_and_ids(path: Path) -> tuple[Path, list[str] | None]:
 def _text(node: ET.Element, tag: str, default: str | None = None) -> str | None:
     child = node.find(tag)
     return child.text.strip() if child is not None and child.text else default
+
+
+def _number(text: str | None) -> float | None:
+    """A finite number from an XML field, or None."""
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _size(node: ET.Element | None, tag: str) -> int | None:
+    """An image size from ``<size>`` (None when absent or not a positive number: from the header)."""
+    value = _number(_text(node, tag)) if node is not None else None
+    return int(value) if value is not None and 1 <= value < 2**31 else None
 
 
 def read_voc(path: Path, names: list[str] | None = None, drop_empty: bool = False) -> AnnotatedSet:
@@ -43,7 +62,7 @@ def read_voc(path: Path, names: list[str] | None = None, drop_empty: bool = Fals
     for xml_path in xml_files:
         try:
             parsed.append((xml_path, ET.parse(xml_path).getroot()))
-        except (OSError, ET.ParseError) as exc:
+        except (OSError, ET.ParseError, ValueError, RecursionError) as exc:
             problems.append(Problem(str(xml_path), f"cannot read ({exc})", fatal=True))
     if names is None:
         names = sorted({_text(o, "name", "") for _, x in parsed for o in x.iter("object")} - {""})
@@ -57,13 +76,11 @@ def read_voc(path: Path, names: list[str] | None = None, drop_empty: bool = Fals
         if not image_path.exists() and (root / "JPEGImages" / f"{xml_path.stem}.jpg").exists():
             image_path = root / "JPEGImages" / f"{xml_path.stem}.jpg"
         size = xml.find("size")
-        width = int(float(_text(size, "width", "0"))) if size is not None else 0
-        height = int(float(_text(size, "height", "0"))) if size is not None else 0
         record = ImageRecord(
             file=str(image_path),
             image_id=index,
-            width=width or None,
-            height=height or None,
+            width=_size(size, "width"),
+            height=_size(size, "height"),
             file_name=file_name,
         )
         for obj in xml.iter("object"):
@@ -72,15 +89,16 @@ def read_voc(path: Path, names: list[str] | None = None, drop_empty: bool = Fals
                 problems.append(Problem(str(xml_path), f"unknown class {name!r}", fatal=True))
                 continue
             bnd = obj.find("bndbox")
-            try:
-                xmin, ymin, xmax, ymax = (
-                    float(_text(bnd, k)) for k in ("xmin", "ymin", "xmax", "ymax")
-                )
-            except (TypeError, ValueError, AttributeError):
+            corners = [
+                _number(_text(bnd, k)) if bnd is not None else None
+                for k in ("xmin", "ymin", "xmax", "ymax")
+            ]
+            if any(c is None for c in corners):
                 problems.append(
                     Problem(str(xml_path), f"object {name!r} has no valid bndbox", True)
                 )
                 continue
+            xmin, ymin, xmax, ymax = corners
             difficult = _text(obj, "difficult", "0") == "1"
             record.instances.append(
                 Instance(

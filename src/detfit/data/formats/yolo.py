@@ -4,11 +4,14 @@ class names from Ultralytics' ``data.yaml``."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from detfit.data.images import list_images, read_header
 from detfit.data.records import AnnotatedSet, ImageRecord, Instance, Problem, class_list
 from detfit.errors import DetfitError
+
+MAX_CLASSES = 100_000  # without names, class ids become names "0".."N": keep N sane
 
 
 def label_path(image: Path) -> Path:
@@ -30,7 +33,11 @@ def split_images(source: Path | list[Path]) -> list[Path]:
         return list_images(source)
     if source.suffix == ".txt" and source.is_file():
         base = source.parent
-        lines = [ln.strip() for ln in source.read_text().splitlines() if ln.strip()]
+        try:
+            text = source.read_text()
+        except (OSError, ValueError) as exc:
+            raise DetfitError(f"{source}: cannot read the list of images ({exc})") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "\0" not in ln]
         return [p if p.is_absolute() else base / p for p in map(Path, lines)]
     raise DetfitError(f"{source}: not a folder of images nor a .txt list of them")
 
@@ -61,23 +68,37 @@ def read_yolo(
     for image_path in split_images(source):
         txt = label_path(image_path)
         rows: list[tuple[int, list[float]]] = []
-        if txt.is_file():
-            for n, line in enumerate(txt.read_text().splitlines(), 1):
-                fields = line.split()
-                if not fields:
-                    continue
-                try:
-                    cls, values = int(fields[0]), [float(v) for v in fields[1:]]
-                except ValueError:
-                    problems.append(Problem(f"{txt}:{n}", "not numbers", fatal=True))
-                    continue
-                if len(values) != 4 and (len(values) < 6 or len(values) % 2):
-                    problems.append(
-                        Problem(f"{txt}:{n}", "expected cx cy w h or a polygon (x y pairs)", True)
-                    )
-                    continue
-                rows.append((cls, values))
-                max_class = max(max_class, cls)
+        try:
+            lines = txt.read_text().splitlines() if txt.is_file() else []
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8 text
+            problems.append(Problem(str(txt), f"cannot read ({exc})", fatal=True))
+            lines = []
+        for n, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                cls, values = int(fields[0]), [float(v) for v in fields[1:]]
+            except ValueError:
+                problems.append(Problem(f"{txt}:{n}", "not numbers", fatal=True))
+                continue
+            if not all(math.isfinite(v) and -1 <= v <= 2 for v in values):
+                problems.append(
+                    Problem(f"{txt}:{n}", "coordinates are not normalised to [0, 1]", True)
+                )
+                continue
+            if not 0 <= cls < MAX_CLASSES:
+                problems.append(
+                    Problem(f"{txt}:{n}", f"class id {cls} not in 0..{MAX_CLASSES - 1}", True)
+                )
+                continue
+            if len(values) != 4 and (len(values) < 6 or len(values) % 2):
+                problems.append(
+                    Problem(f"{txt}:{n}", "expected cx cy w h or a polygon (x y pairs)", True)
+                )
+                continue
+            rows.append((cls, values))
+            max_class = max(max_class, cls)
         parsed.append((image_path, rows))
     if names is None:
         names = [str(i) for i in range(max_class + 1)]

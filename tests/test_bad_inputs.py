@@ -1,0 +1,398 @@
+"""The bad-input matrix: every mistake a user can make with settings, data, checkpoints or the disk
+ends in exit code 2 and one stderr line, without a traceback, naming the file or key, and leaves
+every file already written exactly as it was (hashes of the whole workspace before and after).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import detfit.fileio as fileio
+from conftest import SMALL, run_main
+from detfit.config import TrainConfig
+from detfit.data.synthetic import make_pennfudan, write_all_formats
+from detfit.engine.checkpoint import save_checkpoint
+from detfit.models import build_model, model_info
+
+MODEL = "maskrcnn_mobilenet_v2_fpn"
+# Settings that keep any run that gets past the checks tiny (none should get that far).
+TINY_RUN = [
+    *("--model", MODEL, "--weights", "none", "--weights-backbone", "none", "--workers", "0"),
+    *("--set", f"model_options={json.dumps(SMALL)}", "--set", "num_test=2"),
+    *("--set", "max_iters_per_epoch=1"),
+]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file and folder under ``folder``: path -> sha256 (folders: "dir")."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        out[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """A workspace with good and broken datasets, checkpoints and an earlier run folder."""
+    root = tmp_path_factory.mktemp("workspace")
+    pf = make_pennfudan(root / "pf", num_images=6)
+    for name, damage in {
+        "pf_badmask": lambda r: Image.new("L", (5, 7)).save(
+            sorted((r / "PedMasks").glob("*.png"))[0]
+        ),
+        "pf_truncated": lambda r: truncate(sorted((r / "PNGImages").glob("*.png"))[1]),
+    }.items():
+        shutil.copytree(pf, root / name)
+        damage(root / name)
+    one = make_pennfudan(root / "pf_one", num_images=1)
+    assert one.is_dir()
+
+    demo = root / "demo"
+    write_all_formats(demo, num_images=6)
+    coco = json.loads((demo / "coco" / "annotations.json").read_text())
+    images_dir = demo / "coco" / "images"
+
+    def coco_variant(name: str, data: dict | str) -> None:
+        text = data if isinstance(data, str) else json.dumps(data)
+        (demo / "coco" / name).write_text(text)
+
+    coco_variant("broken.json", '{"images": [')
+    unknown_image = json.loads(json.dumps(coco))
+    unknown_image["annotations"][0]["image_id"] = 999
+    coco_variant("unknown_image.json", unknown_image)
+    missing = json.loads(json.dumps(coco))
+    missing["images"][0]["file_name"] = "nowhere.png"
+    coco_variant("missing_image.json", missing)
+    bad_bbox = json.loads(json.dumps(coco))
+    bad_bbox["annotations"][0]["bbox"] = [1, 2, "wide", 4]
+    coco_variant("bad_bbox.json", bad_bbox)
+    truncated = json.loads(json.dumps(coco))
+    first = truncated["images"][0]
+    Image.open(images_dir / first["file_name"]).convert("RGB").save(images_dir / "cut.jpg")
+    truncate(images_dir / "cut.jpg")
+    first["file_name"] = "cut.jpg"
+    coco_variant("truncated.json", truncated)
+
+    voc = demo / "voc"
+    shutil.copytree(voc, root / "voc_broken")
+    (sorted((root / "voc_broken" / "Annotations").glob("*.xml"))[0]).write_text("<annotation><")
+    shutil.copytree(demo / "yolo", root / "yolo_nan")
+    label = sorted((root / "yolo_nan" / "labels").rglob("*.txt"))[0]
+    label.write_text("0 nan 0.5 0.2 0.2\n")
+    shutil.copytree(demo / "masks", root / "masks_unpaired")
+    sorted((root / "masks_unpaired" / "masks").glob("*.png"))[0].unlink()
+
+    # checkpoints: a good one, and broken variants of it
+    cfg = TrainConfig(
+        model=MODEL, weights=None, weights_backbone=None, model_options=dict(SMALL),
+        data_root=str(pf), num_test=2, workers=0,
+    )  # fmt: skip
+    model = build_model(MODEL, 2, weights=None, weights_backbone=None, **SMALL)
+    info = model_info(MODEL, 2, ["__background__", "person"], dict(SMALL), model)
+    good = {"model": model.state_dict(), "model_info": info, "config": cfg.to_dict()}
+    ckpts = root / "ckpts"
+    save_checkpoint(ckpts / "good.pt", good)
+    save_checkpoint(ckpts / "classes.pt", {**good, "model_info": {**info, "num_classes": 4}})
+    bad_options = {**info, "options": {**info["options"], "fpn_channels": "wide"}}
+    save_checkpoint(ckpts / "options.pt", {**good, "model_info": bad_options})
+    extra = {**good["model"], "head.extra.weight": torch.zeros(1)}
+    save_checkpoint(ckpts / "extra_key.pt", {**good, "model": extra})
+    save_checkpoint(ckpts / "no_info.pt", {"model": good["model"]})
+    (ckpts / "garbage.pt").write_bytes(b"PK\x03\x04 not a zip at all")
+
+    run = root / "runs" / "old"
+    run.mkdir(parents=True)
+    cfg.save(run / "config.yaml")
+    (run / "metrics.csv").write_text("epoch,bbox_AP\n0,0.1\n")
+    shutil.copy(ckpts / "good.pt", run / "last.pt")
+    (root / "settings").mkdir()
+    (root / "settings" / "not_yaml.yaml").write_text("epochs: [1\n")
+    (root / "settings" / "a_list.yaml").write_text("- epochs\n- 3\n")
+    (root / "settings" / "typo.yaml").write_text("epochz: 3\n")
+    (root / "settings" / "bad_value.yaml").write_text("lr: fast\n")
+    (root / "settings" / "number_key.yaml").write_text("1: 2\n")
+    return root
+
+
+def expect_one_line(err: str, *named: str) -> str:
+    lines = err.strip("\n").splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and lines[0].startswith("detfit: error: "), err
+    for text in named:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+def run_case(ws, monkeypatch, capsys, args, named, *, exit_code=2) -> str:
+    monkeypatch.chdir(ws)
+    before = snapshot(ws)
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == exit_code, err
+    line = expect_one_line(err, *named)
+    assert snapshot(ws) == before, "a failed command changed or created files"
+    return line
+
+
+TRAIN = ["train", "--quiet", "--out", "runs/new", *TINY_RUN]
+
+SETTINGS_CASES = {
+    "epochs not a number": (["--set", "epochs=abc"], ["epochs='abc'", "integer"]),
+    "negative lr": (["--set", "lr=-0.01"], ["lr=-0.01", "greater than 0"]),
+    "batch size 0": (["--set", "batch_size=0"], ["batch_size=0", "greater than or equal to 1"]),
+    "negative workers": (["--workers", "-1"], ["workers=-1"]),
+    "key inside a number": (["--set", "epochs.x=1"], ["epochs.x=1", "epochs=11", "single value"]),
+    "option not a number": (["--set", "model_options.min_size=abc"], ["model_options.min_size"]),
+    "zero epochs": (["--epochs", "0"], ["epochs=0"]),
+    "zero num_test": (["--set", "num_test=0"], ["num_test=0"]),
+    "misspelt setting": (["--set", "epoch=3"], ["epoch=3", "did you mean 'epochs'"]),
+    "misspelt option": (["--set", "model_options.min_sise=64"], ["did you mean 'min_size'"]),
+    "flip probability": (["--set", "hflip_prob=1.5"], ["hflip_prob=1.5", "less than or equal"]),
+    "ema decay 1": (["--set", "ema_decay=1"], ["ema_decay=1", "less than 1"]),
+    "unknown optimizer": (["--set", "optimizer=adam"], ["optimizer='adam'", "'sgd' or 'adamw'"]),
+    "misspelt model": (
+        ["--model", "maskrcnn_resnet_fpn"],
+        ["did you mean 'maskrcnn_resnet50_fpn'"],
+    ),
+    "value not YAML": (["--set", "lr=[0.1"], ["--set lr=[0.1", "not a YAML value"]),
+    "no key": (["--set", "=3"], ["--set '=3'", "KEY=VALUE"]),
+    "zero threads": (["--set", "threads=0"], ["threads=0"]),
+    "negative trainable layers": (
+        ["--set", "model_options.trainable_backbone_layers=-1"],
+        ["model_options.trainable_backbone_layers=-1"],
+    ),
+    "true as a count": (["--set", "batch_size=true"], ["batch_size=True", "integer"]),
+    "config not YAML": (["--config", "settings/not_yaml.yaml"], ["settings/not_yaml.yaml"]),
+    "config a list": (["--config", "settings/a_list.yaml"], ["settings/a_list.yaml", "mapping"]),
+    "config misspelt key": (
+        ["--config", "settings/typo.yaml"],
+        ["settings/typo.yaml", "epochz=3", "did you mean 'epochs'"],
+    ),
+    "config bad value": (["--config", "settings/bad_value.yaml"], ["lr='fast'"]),
+    "config number as a key": (["--config", "settings/number_key.yaml"], ["1 is not a setting"]),
+    "options not a mapping": (["--set", "model_options=5"], ["model_options=5", "dictionary"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SETTINGS_CASES))
+def test_bad_settings(ws, monkeypatch, capsys, case):
+    args, named = SETTINGS_CASES[case]
+    run_case(ws, monkeypatch, capsys, [*TRAIN, *args], named)
+
+
+def test_every_bad_setting_is_its_own_line(ws, monkeypatch, capsys):
+    monkeypatch.chdir(ws)
+    args = [*TRAIN, "--set", "epochs=0", "--set", "lr=-1", "--set", "model_options.max_size=x"]
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 3 and "Traceback" not in err
+    assert [ln.split(": ")[2].split("=")[0] for ln in lines] == [
+        "model_options.max_size",
+        "epochs",
+        "lr",
+    ]
+
+
+def pennfudan(name: str) -> list[str]:
+    return ["--data-root", name]
+
+
+DATA_CASES = {
+    "penn-fudan mask of another size": (
+        pennfudan("pf_badmask"),
+        ["pf_badmask/PedMasks/", "mask is"],
+    ),
+    "penn-fudan truncated image": (
+        pennfudan("pf_truncated"),
+        ["pf_truncated/PNGImages/", "decode"],
+    ),
+    "penn-fudan of one image": (pennfudan("pf_one"), ["pf_one", "at least 2"]),
+    "coco not JSON": (["--data", "coco:demo/coco/broken.json"], ["broken.json", "not valid JSON"]),
+    "coco unknown image id": (["--data", "coco:demo/coco/unknown_image.json"], ["image id 999"]),
+    "coco missing image": (["--data", "coco:demo/coco/missing_image.json"], ["nowhere.png"]),
+    "coco bbox not numbers": (
+        ["--data", "coco:demo/coco/bad_bbox.json"],
+        ["bad_bbox.json", "bbox"],
+    ),
+    "coco truncated jpeg": (["--data", "coco:demo/coco/truncated.json"], ["cut.jpg", "truncated"]),
+    "voc broken xml": (["--data", "voc:voc_broken"], ["voc_broken/Annotations/", "cannot read"]),
+    "yolo nan coordinate": (["--data", "yolo:yolo_nan/images"], ["yolo_nan/labels/", "normalised"]),
+    "masks without a mask": (["--data", "masks:masks_unpaired"], ["masks_unpaired/images/"]),
+    "unknown format": (["--data", "cocoa:x.json"], ["cocoa:x.json", "unknown format"]),
+    "dataset option misspelt": (["--data", "coco:demo/coco/annotations.json,tset=x"], ["tset=x"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_bad_data_stops_before_the_run_folder(ws, monkeypatch, capsys, case):
+    args, named = DATA_CASES[case]
+    run_case(ws, monkeypatch, capsys, [*TRAIN, *args], named)
+
+
+CHECKPOINT_CASES = {
+    "weights for another class count": ("classes.pt", ["classes.pt", "do not fit", "other shape"]),
+    "model_info that does not build": ("options.pt", ["options.pt", "does not build"]),
+    "weights with an extra tensor": ("extra_key.pt", ["extra_key.pt", "1 unexpected"]),
+    "no model_info": ("no_info.pt", ["no_info.pt", "not a detfit checkpoint"]),
+    "not a checkpoint": ("garbage.pt", ["garbage.pt", "not a readable checkpoint"]),
+    "no such file": ("nowhere.pt", ["nowhere.pt", "not found"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_bad_checkpoint(ws, monkeypatch, capsys, case):
+    name, named = CHECKPOINT_CASES[case]
+    run_case(ws, monkeypatch, capsys, ["eval", f"ckpts/{name}", "--device", "cpu"], named)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Files that accept 100 bytes and then fail as a full disk does (a patched write)."""
+    real = os.fdopen
+
+    class Full(io.RawIOBase):
+        def __init__(self, fd: int, mode: str) -> None:
+            self.file = real(fd, mode)
+            self.written = 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            self.written += len(data)
+            if self.written > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.file.write(data)
+
+        def fileno(self) -> int:
+            return self.file.fileno()
+
+        def close(self) -> None:
+            self.file.close()
+            super().close()
+
+    monkeypatch.setattr(fileio.os, "fdopen", Full)
+
+
+def test_disk_full_when_converting(ws, monkeypatch, capsys, full_disk):
+    (ws / "converted.json").write_text("{}")  # an earlier conversion, kept intact
+    line = run_case(
+        ws,
+        monkeypatch,
+        capsys,
+        ["data", "convert", "coco:demo/coco/annotations.json", "converted.json"],
+        ["no space left on device writing converted.json", "MB needed"],
+    )
+    assert "unexpected pos" not in line
+    assert not list(ws.glob(".converted.json.*"))
+
+
+def test_disk_full_when_a_run_starts(ws, monkeypatch, capsys, full_disk):
+    monkeypatch.chdir(ws)
+    before = snapshot(ws)
+    code, _, err = run_main(monkeypatch, capsys, *TRAIN, "--data-root", "pf")
+    assert code == 2
+    expect_one_line(err, "no space left on device writing runs/new/")
+    after = snapshot(ws)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert not [k for k in after if k.endswith(".tmp")]
+
+
+def test_read_only_folder(ws, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", refuse)
+    (ws / "readonly").mkdir(exist_ok=True)
+    run_case(
+        ws,
+        monkeypatch,
+        capsys,
+        ["data", "convert", "coco:demo/coco/annotations.json", "readonly/out.json"],
+        ["cannot write readonly/out.json", "Permission denied", "read-only"],
+    )
+
+
+def test_checkpoint_save_on_a_full_filesystem(tmp_path):
+    """A real tiny filesystem (tmpfs): ENOSPC inside torch's zip writer still reads as a full
+    disk, the previous checkpoint survives, and no temporary file is left."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0 or os.system(f"mount -t tmpfs -o size=1m tmpfs {mount} 2>/dev/null"):
+        pytest.skip("needs root to mount a 1 MB tmpfs")
+    try:
+        small = {"model": {"w": torch.zeros(1000)}, "model_info": {}}
+        save_checkpoint(mount / "last.pt", small)
+        before = (mount / "last.pt").read_bytes()
+        from detfit.errors import DetfitError
+
+        with pytest.raises(DetfitError, match=r"no space left on device writing .*last.pt; 4 MB"):
+            save_checkpoint(mount / "last.pt", {"model": {"w": torch.zeros(10**6)}})
+        assert (mount / "last.pt").read_bytes() == before
+        assert sorted(p.name for p in mount.iterdir()) == ["last.pt"]
+    finally:
+        os.system(f"umount {mount}")
+
+
+def test_interrupted_save_keeps_the_old_file_and_stale_temps_are_removed(tmp_path):
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"old")
+
+    def killed(f):
+        f.write(b"half of the new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fileio.atomic_write(target, killed)
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    # what a kill -9 leaves: the temporary file itself
+    stale = [tmp_path / ".last.pt.k3j_9xq1.tmp", tmp_path / ".metrics.csv.a1b2c3d4.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    keep = [tmp_path / "notes.tmp", tmp_path / ".hidden.tmp", tmp_path / "config.yaml"]
+    for path in keep:
+        path.write_text("mine")
+    assert fileio.remove_stale_temp_files(tmp_path) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted([target, *keep])
+    assert fileio.remove_stale_temp_files(tmp_path / "absent") == []
+
+
+def test_image_changed_on_disk_during_training(ws, monkeypatch, capsys):
+    """The check passed, then a file broke: the DataLoader worker's error is one line naming it."""
+    import detfit.engine.builders as builders
+
+    data = ws / "changing"
+    if data.exists():
+        shutil.rmtree(data)
+    shutil.copytree(ws / "pf", data)
+    real_validate = builders.validate
+
+    def validate_then_break(*args, **kwargs):
+        real_validate(*args, **kwargs)
+        for image in data.rglob("PNGImages/*.png"):
+            truncate(image)
+
+    monkeypatch.setattr(builders, "validate", validate_then_break)
+    monkeypatch.chdir(ws)
+    args = [*TRAIN, "--data-root", "changing", "--workers", "1", "--out", "runs/changing"]
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2
+    expect_one_line(err, "changing/PennFudanPed/PNGImages/", "cannot decode image")
+    assert (ws / "runs" / "old" / "last.pt").read_bytes() == (ws / "ckpts" / "good.pt").read_bytes()
+    shutil.rmtree(data)
+    shutil.rmtree(ws / "runs" / "changing", ignore_errors=True)
