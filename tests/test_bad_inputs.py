@@ -396,3 +396,55 @@ def test_image_changed_on_disk_during_training(ws, monkeypatch, capsys):
     assert (ws / "runs" / "old" / "last.pt").read_bytes() == (ws / "ckpts" / "good.pt").read_bytes()
     shutil.rmtree(data)
     shutil.rmtree(ws / "runs" / "changing", ignore_errors=True)
+
+
+# ---------------------------------------------------------------- run folders, resume, devices
+
+RUN_CASES = {
+    "out holds a run": (
+        [*TRAIN[:3], "runs/old", *TRAIN[4:]],
+        ["runs/old: already holds a run", "--resume runs/old", "--overwrite"],
+    ),
+    "no GPU": ([*TRAIN, "--device", "cuda"], ["--device cuda", "no CUDA GPU"]),
+    "no second GPU": ([*TRAIN, "--device", "cuda:7"], ["--device cuda:7", "no CUDA GPU"]),
+    "not a device": ([*TRAIN, "--device", "banana"], ["--device 'banana'", "not a device"]),
+    "eval on no GPU": (["eval", "ckpts/good.pt", "--device", "cuda"], ["--device cuda"]),
+    "resume changes lr": (
+        ["train", "--resume", "runs/resumable", "--lr", "0.1"],
+        ["--resume runs/resumable", "lr cannot change", "--config runs/resumable/config.yaml"],
+    ),
+    "resume with a recipe": (
+        ["train", "--resume", "runs/resumable", "--recipe", "cpu"],
+        ["--resume", "--recipe"],
+    ),
+    "resume elsewhere": (
+        ["train", "--resume", "runs/resumable", "--out", "runs/other"],
+        ["--resume runs/resumable", "not --out"],
+    ),
+    "resume weights only": (
+        ["train", "--resume", "ckpts/good.pt"],
+        ["ckpts/good.pt", "weights-only", "cannot be resumed"],
+    ),
+    "resume nothing": (["train", "--resume", "runs/none"], ["runs/none", "checkpoint not found"]),
+    "option the model lacks": (
+        [*TRAIN, "--model", "fasterrcnn_mobilenet_v2", "--set", "model_options.fpn_channels=64"],
+        ["fasterrcnn_mobilenet_v2 does not take model option(s) fpn_channels"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RUN_CASES))
+def test_bad_runs_and_devices(ws, monkeypatch, capsys, case):
+    args, named = RUN_CASES[case]
+    resumable = ws / "runs" / "resumable" / "last.pt"
+    if not resumable.exists():  # what a run's checkpoint holds besides the weights
+        good = torch.load(ws / "ckpts" / "good.pt", weights_only=True)
+        state = {"optimizer": {}, "scheduler": {}, "history": [], "epoch": 0}
+        save_checkpoint(resumable, {**good, **state})
+    run_case(ws, monkeypatch, capsys, args, named)
+
+
+def test_elastic_restarts_need_an_out_folder(ws, monkeypatch, capsys):
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
+    args = [a for a in TRAIN if a not in ("--out", "runs/new")]
+    run_case(ws, monkeypatch, capsys, args, ["--max-restarts needs --out"])

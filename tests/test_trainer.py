@@ -242,7 +242,7 @@ def test_run_folders_are_never_overwritten(monkeypatch, capsys, landscape_root, 
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
     # --overwrite starts over on purpose; a stale temporary file of a killed save goes
-    stale = out / ".last.pt.abc123.tmp"
+    stale = out / ".last.pt.k3j_9x2a.tmp"
     stale.write_bytes(b"half a checkpoint")
     code, _, _ = run_main(monkeypatch, capsys, *args, "--overwrite")
     assert code in (None, 0) and not stale.exists()
@@ -321,3 +321,31 @@ def test_per_item_seeds_do_not_depend_on_the_callers_rng():
     assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is untouched
     items.set_epoch(1)
     assert not torch.equal(items[0], first[0])
+
+
+def test_a_recipes_options_adapt_to_the_model_and_the_data():
+    from detfit.config import recipe_config
+    from detfit.engine.builders import Datasets
+    from detfit.engine.trainer import options_for_data
+
+    crowded = Datasets(None, None, ["__background__", "a"], max_objects=101)
+    logs: list[str] = []
+    cfg = recipe_config("cpu", model="fasterrcnn_resnet50_fpn")
+    options = options_for_data(cfg, crowded, logs.append)
+    dropped = ("fpn_channels", "mask_head_channels", "mask_head_norm")
+    assert not set(dropped) & set(options)
+    assert options["box_detections_per_img"] == 100  # 2 x 101, capped at COCO's 100
+    assert logs == [
+        f"fasterrcnn_resnet50_fpn does not use the cpu recipe's {', '.join(dropped)}: ignored",
+        "box_detections_per_img: the cpu recipe's 30 raised to 100 (a training image has 101 "
+        "objects)",
+    ]
+    few = Datasets(None, None, ["__background__", "person"], max_objects=8)
+    assert options_for_data(recipe_config("cpu"), few, logs.append)["box_detections_per_img"] == 30
+    # a cap the user chose stays, however low
+    mine = recipe_config("cpu", model_options={"box_detections_per_img": 5})
+    assert options_for_data(mine, crowded, logs.append)["box_detections_per_img"] == 5
+    with pytest.raises(DetfitError, match="does not take model option"):
+        options_for_data(
+            recipe_config("tutorial", model_options={"fpn_channels": 64}), crowded, logs.append
+        )

@@ -268,6 +268,11 @@ class Trainer:
 
     def _load_resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
+        missing = [k for k in ("optimizer", "scheduler", "history", "epoch") if k not in ckpt]
+        if missing:
+            raise DetfitError(
+                f"{path}: a weights-only checkpoint (no {', '.join(missing)}) cannot be resumed"
+            )
         self.run_dir = path if path.is_dir() else path.parent
         cfg = TrainConfig.from_dict(ckpt["config"], f"{self.run_dir}/last.pt")
         changed = {
@@ -323,12 +328,6 @@ class Trainer:
         cfg = self.cfg  # a restart may have loaded the run's own settings
         cfg.out = str(self.run_dir)
         cfg.world_size, cfg.global_batch_size = self.world_size, self.world_size * cfg.batch_size
-        if distributed.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(self.run_dir)
-            if self.overwrite and self.checkpoint is None:
-                for name in RUN_FILES:
-                    (self.run_dir / name).unlink(missing_ok=True)
         seed_everything(cfg.seed)  # the same initial weights on every rank
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -372,7 +371,12 @@ class Trainer:
         seed_everything(cfg.seed + 1000 * self.rank)  # each rank its own random stream
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
-        if distributed.is_main():
+        if distributed.is_main():  # only now, with data and model checked: a folder is made
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.run_dir)
+            if self.overwrite and self.checkpoint is None:
+                for name in RUN_FILES:
+                    (self.run_dir / name).unlink(missing_ok=True)
             cfg.save(self.run_dir / "config.yaml")
         if self.world_size > 1:
             self.log(
