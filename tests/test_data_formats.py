@@ -659,15 +659,18 @@ def test_keypoint_rcnn_trains_on_coco_keypoints(coco_detail, tmp_path):
 def test_a_box_model_drops_the_recipes_mask_head_options(formats, tmp_path):
     """`detfit train --data voc:... --model fasterrcnn_...` on the CPU recipe: its mask-head
     options and mask loss weight do not apply, so they are dropped with one line each instead of
-    failing; the other loss weights stay."""
+    failing; the other loss weights stay. The same options set by the user are refused."""
+    from detfit.config import recipe_config
+
     logs: list[str] = []
-    cfg = TrainConfig(
+    cfg = recipe_config(
+        "cpu",
         dataset=formats["voc"],
         model="fasterrcnn_mobilenet_v2_fpn",
-        weights=None,
         weights_backbone=None,
-        model_options={**TINY, "mask_head_channels": 32, "mask_head_norm": True, "mask_levels": 1},
+        model_options=dict(TINY),
         loss_weights={"loss_mask": 2.0, "loss_classifier": 1.5},
+        ema_decay=None,
         num_test=3,
         epochs=1,
         max_iters_per_epoch=1,
@@ -676,8 +679,8 @@ def test_a_box_model_drops_the_recipes_mask_head_options(formats, tmp_path):
     )
     run = fit(cfg, progress=False, log=logs.append)
     assert (
-        "fasterrcnn_mobilenet_v2_fpn has no mask head: ignoring mask_head_channels, "
-        "mask_head_norm, mask_levels" in logs
+        "fasterrcnn_mobilenet_v2_fpn does not use the cpu recipe's mask_head_channels, "
+        "mask_head_norm: ignored" in logs
     )
     assert "fasterrcnn_mobilenet_v2_fpn computes no loss_mask: ignoring its loss weight" in logs
     info = torch.load(run / "last.pt", weights_only=True)["model_info"]
@@ -688,6 +691,9 @@ def test_a_box_model_drops_the_recipes_mask_head_options(formats, tmp_path):
     assert "train_loss_mask" not in losses and len(losses) == 4
     expected = sum(losses.values()) + 0.5 * row["train_loss_classifier"]
     assert row["train_loss"] == pytest.approx(expected, rel=1e-5)
+    mine = cfg.replace(model_options={**TINY, "mask_levels": 1}, out=str(tmp_path / "mine"))
+    with pytest.raises(DetfitError, match="does not take model option.s. mask_levels"):
+        fit(mine, progress=False, log=logs.append)
 
 
 def test_mask_folder_boxes_are_one_pixel_wider_than_the_tutorials(synthetic_root):

@@ -21,9 +21,9 @@ import torch
 from conftest import FAST_EVAL, REPO, SMALL, TINY, run_config, run_main
 from detfit.config import TrainConfig
 from detfit.data.images import load_rgb
+from detfit.data.rle import encode_masks
 from detfit.engine import fit
 from detfit.engine.checkpoint import load_checkpoint
-from detfit.eval.coco import encode_masks
 from detfit.models import rebuild_model
 
 pytestmark = pytest.mark.skipif(

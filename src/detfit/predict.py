@@ -13,10 +13,10 @@ from torchvision.io import encode_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from detfit.data.images import load_rgb
+from detfit.data.rle import encode_masks
 from detfit.distributed import resolve_device
 from detfit.engine.checkpoint import load_checkpoint
 from detfit.errors import DetfitError
-from detfit.eval.coco import encode_masks
 from detfit.fileio import atomic_write, atomic_write_text
 from detfit.models import rebuild_model
 

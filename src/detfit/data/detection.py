@@ -22,40 +22,18 @@ from torchvision import tv_tensors
 
 from detfit.data.images import load_mask_ids, load_rgb
 from detfit.data.records import AnnotatedSet, ImageRecord, Instance
+from detfit.data.rle import instance_rle
 from detfit.data.transforms import restore_keypoints, to_tv_tensors
 
 MIN_BOX_SIZE = 1.0  # pixels; as SanitizeBoundingBoxes' default, so transforms drop nothing more
-
-
-def clamp_polygons(polygons: list[list[float]], height: int, width: int) -> list[list[float]]:
-    """Polygons with points kept within one image size of the image: pycocotools converts
-    coordinates to C ints unchecked, so a point at 1e300 would exhaust memory or crash. The data
-    check reports such points as errors; this only guards the rasteriser."""
-    out = []
-    for polygon in polygons:
-        xs = np.clip(np.asarray(polygon[0::2], np.float64), -width, 2 * width)
-        ys = np.clip(np.asarray(polygon[1::2], np.float64), -height, 2 * height)
-        out.append(np.stack([xs, ys], 1).reshape(-1).tolist())
-    return out
 
 
 def rasterize(instance: Instance, height: int, width: int, ids: torch.Tensor | None) -> np.ndarray:
     """The instance's mask as uint8 [H, W] from its polygons, RLE or id in the mask PNG."""
     if instance.mask_value is not None and ids is not None:
         return (ids == instance.mask_value).numpy().astype(np.uint8)
-    if instance.polygons is not None:
-        polygons = [p for p in instance.polygons if len(p) >= 6]
-        if not polygons:
-            return np.zeros((height, width), np.uint8)
-        polygons = clamp_polygons(polygons, height, width)
-        rle = mask_util.merge(mask_util.frPyObjects(polygons, height, width))
-    elif instance.rle is not None:
-        rle = instance.rle
-        if isinstance(rle["counts"], list):  # uncompressed
-            rle = mask_util.frPyObjects(rle, *rle["size"])
-        elif isinstance(rle["counts"], str):
-            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    else:
+    rle = instance_rle(instance, height, width)
+    if rle is None:
         return np.zeros((height, width), np.uint8)
     mask = mask_util.decode(rle)
     if mask.shape != (height, width):  # reported by the check; keep shapes consistent

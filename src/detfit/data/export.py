@@ -15,9 +15,10 @@ from typing import Any
 
 import pycocotools.mask as mask_util
 
-from detfit.data.detection import clamp_polygons, rasterize
+from detfit.data.detection import rasterize
 from detfit.data.images import load_mask_ids, read_header
 from detfit.data.records import AnnotatedSet
+from detfit.data.rle import compressed, encode_masks, instance_rle
 from detfit.fileio import atomic_write_text
 
 
@@ -57,31 +58,18 @@ def to_coco(annotations: AnnotatedSet, out_dir: Path) -> dict[str, Any]:
                 "iscrowd": int(inst.crowd),
             }
             next_id += inst.source_id is None
-            rle = None
-            if inst.polygons is not None:
-                ann["segmentation"] = inst.polygons
-                parts = clamp_polygons([q for q in inst.polygons if len(q) >= 6], height, width)
-                rle = (
-                    mask_util.merge(mask_util.frPyObjects(parts, height, width)) if parts else None
-                )
-            elif inst.rle is not None:
-                ann["segmentation"] = inst.rle
-                rle = inst.rle
-                if isinstance(rle["counts"], list):
-                    rle = mask_util.frPyObjects(rle, *rle["size"])
+            rle = instance_rle(inst, height, width)
+            if inst.polygons is not None or inst.rle is not None:
+                ann["segmentation"] = inst.polygons if inst.polygons is not None else inst.rle
             elif inst.mask_value is not None:
-                rle = mask_util.encode(
-                    rasterize(inst, height, width, ids)[:, :, None].copy(order="F")
-                )[0]
-                ann["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+                (ann["segmentation"],) = encode_masks(rasterize(inst, height, width, ids)[None])
+                rle = compressed(ann["segmentation"])
             if inst.box is not None:
                 x1, y1, x2, y2 = inst.box
                 ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
             elif rle is not None:
                 ann["bbox"] = [float(v) for v in mask_util.toBbox(rle)]
             if rle is not None:
-                if isinstance(rle["counts"], str):
-                    rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
                 ann["area"] = float(mask_util.area(rle))
             else:
                 ann["area"] = float(ann["bbox"][2] * ann["bbox"][3]) if "bbox" in ann else 0.0

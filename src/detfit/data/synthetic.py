@@ -87,6 +87,9 @@ def write_all_formats(
 
     import pycocotools.mask as mask_util
 
+    from detfit.data.records import Instance
+    from detfit.data.rle import instance_rle
+
     root = Path(root)
     rng = np.random.default_rng(seed + 1)
     images = synthetic_objects(num_images, size, seed)
@@ -110,8 +113,8 @@ def write_all_formats(
         pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
         ids = np.zeros((h, w), np.uint8)
         for k, obj in enumerate(img["objects"], 1):
-            rle = mask_util.frPyObjects([obj["polygon"]], h, w)
-            mask = mask_util.decode(mask_util.merge(rle)).astype(bool)
+            rle = instance_rle(Instance(obj["label"], polygons=[obj["polygon"]]), h, w)
+            mask = mask_util.decode(rle).astype(bool)
             ids[mask] = k
             pixels[mask] = (60 + 60 * obj["label"], 255 - 50 * obj["label"], 40 * k)
         for d in dirs.values():

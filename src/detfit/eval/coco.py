@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detfit import distributed
+from detfit.data.rle import encode_masks
 
 STAT_NAMES = (
     "AP",
@@ -40,17 +40,6 @@ def _image_id(target: dict[str, Any]) -> int:
 def _xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
     boxes = boxes.detach().cpu().to(torch.float64).reshape(-1, 4)
     return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-
-
-def encode_masks(masks: torch.Tensor) -> list[dict[str, Any]]:
-    """Binary masks [N,H,W] (or [N,1,H,W]) as compressed RLE with str counts (JSON-ready)."""
-    if masks.dim() == 4:
-        masks = masks[:, 0]
-    array = np.asfortranarray(masks.detach().cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
-    rles = mask_util.encode(array)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
 
 
 def targets_to_coco(

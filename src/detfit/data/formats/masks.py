@@ -10,19 +10,23 @@ from pathlib import Path
 import numpy as np
 
 from detfit.data.images import list_images, load_mask_ids, read_header
+from detfit.data.pennfudan import find_pennfudan_root
 from detfit.data.records import AnnotatedSet, ImageRecord, Instance, Problem, class_list
 from detfit.errors import DetfitError
 
-LAYOUTS = (("images", "masks"), ("PNGImages", "PedMasks"))
-
-
 def find_layout(root: Path) -> tuple[Path, Path]:
+    """``images/`` + ``masks/`` in ``root``, or Penn-Fudan's ``PNGImages/`` + ``PedMasks/`` (in
+    ``root`` or its ``PennFudanPed/``, as Penn-Fudan's own finder accepts them)."""
     root = Path(root)
-    for base in (root, root / "PennFudanPed"):
-        for images, masks in LAYOUTS:
-            if (base / images).is_dir() and (base / masks).is_dir():
-                return base / images, base / masks
-    raise DetfitError(f"{root}: expected images/ and masks/ folders (or PNGImages/ and PedMasks/)")
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return root / "images", root / "masks"
+    try:
+        pennfudan = find_pennfudan_root(root)
+    except DetfitError:
+        raise DetfitError(
+            f"{root}: expected images/ and masks/ folders (or PNGImages/ and PedMasks/)"
+        ) from None
+    return pennfudan / "PNGImages", pennfudan / "PedMasks"
 
 
 def mask_for(image: Path, masks_dir: Path) -> Path | None:
