@@ -14,6 +14,7 @@ from detfit.data.pennfudan import find_pennfudan_root
 from detfit.data.records import AnnotatedSet, ImageRecord, Instance, Problem, class_list
 from detfit.errors import DetfitError
 
+
 def find_layout(root: Path) -> tuple[Path, Path]:
     """``images/`` + ``masks/`` in ``root``, or Penn-Fudan's ``PNGImages/`` + ``PedMasks/`` (in
     ``root`` or its ``PennFudanPed/``, as Penn-Fudan's own finder accepts them)."""
