@@ -15,6 +15,7 @@ import torch
 from detfit.errors import DetfitError
 from detfit.export.formats import FORMATS, SUFFIXES, metadata, output_keys, to_onnx, to_torchscript
 from detfit.export.parity import HEADER, ImageParity, compare
+from detfit.export.transform import for_export
 from detfit.fileio import atomic_write
 from detfit.predict.backends import EagerRunner, load_backend, model_file
 
@@ -119,8 +120,11 @@ def export_model(
     meta = metadata(info, fmt, keys)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings about constants: parity decides
+        exportable = for_export(model)  # resizes as eager torch does, in script and trace
         data = (
-            to_onnx(model, example, meta, opset) if fmt == "onnx" else to_torchscript(model, meta)
+            to_onnx(exportable, example, meta, opset)
+            if fmt == "onnx"
+            else to_torchscript(exportable, meta)
         )
     partial = out.with_name(f".{out.name}.partial{out.suffix}")
     atomic_write(partial, lambda f: f.write(data))
