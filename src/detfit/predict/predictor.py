@@ -47,7 +47,7 @@ def to_uint8_image(image: ImageLike) -> torch.Tensor:
             image = np.repeat(image[..., None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise DetfitError(f"numpy image of shape {image.shape}: expected HxWx3 RGB")
-        image = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1)  # a writable copy
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
         raise DetfitError(f"{type(image).__name__}: expected an image path, PIL, HxWx3 or 3xHxW")
     if image.is_floating_point():
