@@ -100,11 +100,12 @@ def is_torchscript(path: Path) -> bool:
         return any(n.split("/", 2)[1:2] == ["code"] for n in archive.namelist())
 
 
-def load_backend(path: str | Path, device: str = "auto") -> Backend:
-    """Any model file detfit makes: a checkpoint (.pt or run folder), TorchScript or ONNX."""
+def load_backend(path: str | Path, device: str = "auto", threads: int | None = None) -> Backend:
+    """Any model file detfit makes: a checkpoint (.pt or run folder), TorchScript or ONNX.
+    ``threads`` sets ONNX Runtime's intra-op threads (torch's are torch.set_num_threads)."""
     path = model_file(path)
     if path.suffix.lower() == ".onnx":
-        return _load_onnx(path, device)
+        return _load_onnx(path, device, threads)
     if is_torchscript(path):
         return _load_torchscript(path, device)
     if not zipfile.is_zipfile(path):
@@ -150,10 +151,12 @@ def onnx_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _load_onnx(path: Path, device: str) -> Backend:
+def _load_onnx(path: Path, device: str, threads: int | None = None) -> Backend:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
     options.log_severity_level = 3  # no per-node warnings on stderr
     try:
         session = ort.InferenceSession(str(path), options, providers=onnx_providers(device))
