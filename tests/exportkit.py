@@ -15,8 +15,8 @@ from detfit.models import build_model, model_info
 
 CLASSES = ["__background__", "cat", "dog"]
 CATEGORY_IDS = [0, 17, 18]
-# sizes chosen so that float32 and float64 resize arithmetic disagree (100x60, 375x500 at 64 px)
-SIZES = [(70, 90), (100, 60), (50, 120), (375, 500)]
+# sizes where float32 and float64 resize arithmetic disagree (100x60 at min_size 64) and others
+SIZES = [(70, 90), (100, 60), (50, 120), (96, 128)]
 
 
 def spread_heads(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -33,11 +33,13 @@ def spread_heads(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def tiny_checkpoint(path: Path, name: str, options: dict, config: dict | None = None) -> Path:
+def tiny_checkpoint(
+    path: Path, name: str, options: dict, config: dict | None = None, seed: int = 0
+) -> Path:
     """A detfit checkpoint (model, model_info, config) of a random, spread-out tiny model."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(name, len(CLASSES), weights=None, weights_backbone=None, **options)
-    spread_heads(model).eval()
+    spread_heads(model, seed).eval()
     info = model_info(name, len(CLASSES), CLASSES, options, model)
     info["category_ids"] = CATEGORY_IDS
     ckpt = {"model": model.state_dict(), "model_info": info, "config": config or {}}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torchvision.ops import box_iou
 
 Output = dict[str, torch.Tensor]
 BOX_TOL, SCORE_TOL, MASK_IOU = 1e-2, 1e-3, 0.99
@@ -61,12 +62,14 @@ HEADER = (
 
 
 def match(a: Output, b: Output) -> list[tuple[int, int]]:
-    """Pairs (i, j) of same-label detections, closest boxes first, each detection used once."""
+    """Pairs (i, j) of same-label detections overlapping at IoU >= 0.5, closest boxes and
+    scores first, each detection used once."""
     if not len(a["boxes"]) or not len(b["boxes"]):
         return []
     dist = (a["boxes"][:, None, :] - b["boxes"][None, :, :]).abs().amax(-1)
     dist = dist + (a["scores"][:, None] - b["scores"][None, :]).abs()
     dist[a["labels"][:, None] != b["labels"][None, :]] = float("inf")
+    dist[box_iou(a["boxes"].float(), b["boxes"].float()) < 0.5] = float("inf")
     pairs, used_a, used_b = [], set(), set()
     for flat in torch.argsort(dist.flatten()).tolist():
         i, j = divmod(flat, dist.shape[1])

@@ -5,6 +5,7 @@ parity and the benchmark all run models through here, so what is checked is what
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,9 @@ class TorchScriptRunner:
 
     @torch.inference_mode()
     def __call__(self, images: list[torch.Tensor]) -> list[Output]:
-        outputs = self.module([im.to(self.device) for im in images])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "RCNN always returns a (Losses, Detections) tuple"
+            outputs = self.module([im.to(self.device) for im in images])
         if isinstance(outputs, tuple):  # scripted detectors return (losses, detections)
             outputs = outputs[1]
         return [{k: v.cpu() for k, v in out.items()} for out in outputs]
@@ -125,7 +128,9 @@ def _load_torchscript(path: Path, device: str) -> Backend:
     dev = resolve_device(device)
     extra = {EXTRA_FILE: ""}
     try:
-        module = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
+            module = torch.jit.load(str(path), map_location=dev, _extra_files=extra)
     except Exception as exc:
         raise DetfitError(f"{path}: not a readable TorchScript file ({_first_line(exc)})") from None
     if not extra[EXTRA_FILE]:

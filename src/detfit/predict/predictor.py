@@ -112,7 +112,8 @@ class Predictor:
         return [self._result(out, im) for out, im in zip(outputs, uint8)]
 
     def _result(self, out: dict[str, torch.Tensor], image: torch.Tensor) -> Prediction:
-        keep = out["scores"] >= self.score_threshold
+        # RetinaNet/FCOS/SSD score every class index, the background's (0) too: never a result
+        keep = (out["scores"] >= self.score_threshold) & (out["labels"] > 0)
         if self.keep_labels is not None:
             keep &= torch.isin(out["labels"], torch.tensor(sorted(self.keep_labels)))
         labels = out["labels"][keep].long()
