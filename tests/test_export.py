@@ -44,8 +44,16 @@ def images(tmp_path_factory):
     return write_images(tmp_path_factory.mktemp("parity"))
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+# VGG-16 and ResNet-50 are the slow ones: their TorchScript runs (bit-identical so far) are `slow`
+HEAVY = {("ssd", "torchscript"), ("keypointrcnn", "torchscript")}
+PAIRS = [
+    pytest.param(f, fmt, marks=[pytest.mark.slow] if (f, fmt) in HEAVY else [], id=f"{f}-{fmt}")
+    for fmt in ("onnx", "torchscript")
+    for f in FAMILIES
+]
+
+
+@pytest.mark.parametrize(("family", "fmt"), PAIRS)
 def test_every_family_exports_with_parity(family, fmt, images, tmp_path, monkeypatch):
     import detfit.export.parity as parity
 

@@ -52,6 +52,15 @@ def _text_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
 
 
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """The mask's pixels that touch a pixel outside it (4-neighbourhood)."""
+    inner = np.zeros_like(mask)
+    inner[1:-1, 1:-1] = (
+        mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    )
+    return mask & ~inner
+
+
 def label_text(name: str, score: float) -> str:
     return f"{name} {score:.2f}"
 
@@ -74,6 +83,7 @@ def draw_prediction(
             m = masks[k].numpy()
             colour = np.asarray(class_colour(labels[k]), dtype=np.float32)
             pixels[m] = (1 - MASK_ALPHA) * pixels[m] + MASK_ALPHA * colour
+            pixels[_outline(m)] = 0.6 * colour  # a darker edge tells touching instances apart
     canvas = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     height, width = image.shape[-2:]
