@@ -50,7 +50,8 @@ def demo(tmp_path_factory):
     run = fit(cfg, progress=False, log=lambda _: None)
     images = sorted((Path(coco).parent / "images").glob("*.png"))
     strip_checkpoint(run, root / "small.pt")
-    export_model(run, "onnx", root / "model.onnx", images=images[:4], log=lambda s: None)
+    # export takes the stripped checkpoint (and checks parity on the demo images)
+    export_model(root / "small.pt", "onnx", root / "model.onnx", images=images[:4], log=lambda s: None)
     return {"run": run, "coco": Path(coco), "images": images, "root": root}
 
 
@@ -166,6 +167,18 @@ def test_coco_results_score_the_ap_of_detfit_eval(demo, tmp_path, monkeypatch, c
     )
     assert code in (None, 0), err
     expected = json.loads(stats.read_text())
+    # the stripped checkpoint evaluates to the same numbers
+    code, _, _ = run_main(
+        monkeypatch,
+        capsys,
+        "eval",
+        demo["root"] / "small.pt",
+        "--data",
+        f"coco:{sub},val={sub}",
+        "--json",
+        tmp_path / "stripped.json",
+    )
+    assert code in (None, 0) and json.loads((tmp_path / "stripped.json").read_text()) == expected
     inputs = [demo["coco"].parent / "images" / im["file_name"] for im in subset["images"]]
     results = tmp_path / "results.json"
     code, _, _ = run_main(
