@@ -83,13 +83,19 @@ def test_every_family_exports_with_parity(family, fmt, images, tmp_path, monkeyp
     result = predictor(images[0])
     assert set(result.class_names) <= {"cat", "dog"}
     assert {17, 18} >= set(result.category_ids)
+    if fmt == "torchscript":  # metadata as an extra file of the archive
+        extra = {"detfit.json": ""}
+        torch.jit.load(str(out), _extra_files=extra)
+        meta = json.loads(extra["detfit.json"])
+        assert meta["name"] == name and meta["classes"] == CLASSES and meta["detfit_version"]
 
 
-def test_metadata_inside_the_files(images, tmp_path):
+def test_metadata_inside_the_onnx_file(tmp_path, monkeypatch, capsys):
     name, options = FAMILIES["maskrcnn"]
     ckpt = tiny_checkpoint(tmp_path / "model.pt", name, options)
-    onnx_path, _ = export_model(ckpt, "onnx", images=images, check=False, log=lambda s: None)
-    assert onnx_path == tmp_path / "model.onnx"
+    code, stdout, _ = run_main(monkeypatch, capsys, "export", ckpt, "--no-check")  # no images
+    onnx_path = tmp_path / "model.onnx"  # beside the checkpoint
+    assert code in (None, 0) and onnx_path.is_file() and "not checked" in stdout
     props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
     meta = json.loads(props["detfit"])
     assert meta["classes"] == CLASSES and meta["category_ids"] == CATEGORY_IDS
@@ -97,11 +103,6 @@ def test_metadata_inside_the_files(images, tmp_path):
     assert meta["detfit_version"] and meta["outputs"] == ["boxes", "labels", "scores", "masks"]
     graph_input = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in graph_input] == [3, "height", "width"]
-    ts_path, _ = export_model(ckpt, "torchscript", check=False, log=lambda s: None)
-    assert ts_path == tmp_path / "model.torchscript.pt"
-    extra = {"detfit.json": ""}
-    torch.jit.load(str(ts_path), _extra_files=extra)
-    assert json.loads(extra["detfit.json"])["classes"] == CLASSES
 
 
 def test_failed_parity_exits_1_and_leaves_no_file(images, tmp_path, monkeypatch, capsys):
@@ -129,10 +130,6 @@ def test_failed_parity_exits_1_and_leaves_no_file(images, tmp_path, monkeypatch,
     assert code == 1 and "FAIL" in stdout and "5.00e-01" in stdout
     assert err.startswith("detfit: parity check failed: ") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
-    # --no-check keeps the file
-    code, stdout, _ = run_main(monkeypatch, capsys, "export", ckpt, "--no-check")
-    assert code is None or code == 0
-    assert (tmp_path / "model.onnx").is_file() and "not checked" in stdout
 
 
 def test_export_needs_images_when_the_data_is_absent(tmp_path, monkeypatch, capsys):

@@ -51,7 +51,9 @@ def demo(tmp_path_factory):
     images = sorted((Path(coco).parent / "images").glob("*.png"))
     strip_checkpoint(run, root / "small.pt")
     # export takes the stripped checkpoint (and checks parity on the demo images)
-    export_model(root / "small.pt", "onnx", root / "model.onnx", images=images[:4], log=lambda s: None)
+    export_model(
+        root / "small.pt", "onnx", root / "model.onnx", images=images[:4], log=lambda s: None
+    )
     return {"run": run, "coco": Path(coco), "images": images, "root": root}
 
 
