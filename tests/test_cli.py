@@ -56,10 +56,22 @@ def invoke(*args) -> str:
             ],
         ),
         (["eval"], ["checkpoint", "--data-root", "--device", "--json"]),
-        (["predict"], ["checkpoint", "images", "--out", "--score-threshold", "--device"]),
+        (
+            ["predict"],
+            [
+                "MODEL",
+                "INPUT",
+                "--out",
+                "--score-threshold",
+                "--classes",
+                "--coco-json",
+                "--device",
+            ],
+        ),
+        (["export"], ["--format", "--out", "--opset", "--images", "--no-check", "--strip"]),
         (["data", "pennfudan"], ["--data-root", "--download", "--no-download"]),
     ],
-    ids=["detfit", "train", "eval", "predict", "data-pennfudan"],
+    ids=["detfit", "train", "eval", "predict", "export", "data-pennfudan"],
 )
 def test_help(args, expected):
     output = invoke(*args, "--help")
@@ -243,7 +255,7 @@ def test_predict_writes_overlays_and_json(trained_run, tmp_path, monkeypatch, ca
         "--score-threshold",
         "0.0",
     )
-    assert f"wrote 4 files to {out}" in output
+    assert f"2 images: wrote 4 files to {out}" in output
     assert sorted(os.listdir(out)) == ["img1.json", "img1.png", "img2.json", "img2.png"]
     classes = load_checkpoint(run_dir / "best.pt")["model_info"]["classes"]
     assert classes == ["__background__", "person"]
@@ -263,9 +275,9 @@ def test_predict_writes_overlays_and_json(trained_run, tmp_path, monkeypatch, ca
             assert 0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h
             assert mask_util.decode(det["mask_rle"]).shape == (h, w)
 
-    # a missing image: exit 2 naming it, and nothing written
+    # a missing image: one line naming it, exit 1, and the good image is still predicted
     missing = tmp_path / "missing.png"
-    empty = tmp_path / "never"
+    other = tmp_path / "other"
     code, _, err = run_main(
         monkeypatch,
         capsys,
@@ -274,8 +286,9 @@ def test_predict_writes_overlays_and_json(trained_run, tmp_path, monkeypatch, ca
         tmp_path / "img1.png",
         missing,
         "--out",
-        empty,
+        other,
+        "--quiet",
     )
-    assert code == 2
-    assert err == f"detfit: error: {missing}: image not found\n"
-    assert not empty.exists()
+    assert code == 1
+    assert err.splitlines()[0] == f"detfit: skipped: {missing}: not found"
+    assert sorted(os.listdir(other)) == ["img1.json", "img1.png"]

@@ -33,7 +33,7 @@ def test_fit_on_cuda_and_use_the_checkpoint_on_the_cpu(synthetic_root, tmp_path,
     )
     assert any("device cuda" in line for line in logs)
     history = json.loads((run / "metrics.json").read_text())
-    assert [r["epoch"] for r in history] == [0, 1]
+    assert [r["epoch"] for r in history] == [1, 2]
     assert all(math.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in history)
     assert all(0.0 <= r["segm_AP"] <= 1.0 or r["segm_AP"] == -1.0 for r in history)
 
@@ -93,3 +93,23 @@ def test_cli_predict_on_cuda(synthetic_root, tmp_path, monkeypatch, capsys):
     with Image.open(image) as img:
         assert (record["width"], record["height"]) == img.size
     assert all(d["class"] == "person" for d in record["detections"])
+
+
+def test_torchrun_with_nccl_on_one_gpu_with_amp(synthetic_root, tmp_path):
+    """torchrun picks nccl for CUDA; a 1-GPU group trains with AMP and evaluates."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    cmd += ["-m", "detfit", "train", "--recipe", "tutorial", "--model", "maskrcnn_mobilenet_v2_fpn"]
+    cmd += ["--weights", "none", "--weights-backbone", "none", "--data-root", str(synthetic_root)]
+    cmd += ["--workers", "0", "--quiet", "--out", str(out), "--epochs", "1", "--device", "cuda"]
+    cmd += ["--set", "amp=true", "--set", "num_test=3", "--set", "model_options.min_size=64"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "device cuda:0" in result.stdout
+    ckpt = load_checkpoint(out)
+    assert ckpt["scaler"] is not None and ckpt["world_size"] == 1

@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-import detfit.predict as predict_module
+import detfit.predict.overlay as overlay_module
 from conftest import SMALL, TINY, run_main
 from detfit.config import TrainConfig
 from detfit.data import (
@@ -541,13 +541,13 @@ def test_multiclass_training_in_every_format(formats, name, tmp_path, monkeypatc
         assert all(v == -1.0 or 0.0 <= v <= 1.0 for v in per_class.values())
     images = sorted(Path(str(formats[name]).split(":", 1)[1]).parent.rglob("img00*.png"))[:2]
     drawn: list[str] = []
-    real_draw = predict_module.draw_bounding_boxes
+    real_label = overlay_module.label_text
 
-    def spy(image, boxes, labels=None, **kwargs):
-        drawn.extend(labels or [])
-        return real_draw(image, boxes, labels=labels, **kwargs)
+    def spy(name, score):
+        drawn.append(real_label(name, score))
+        return drawn[-1]
 
-    monkeypatch.setattr(predict_module, "draw_bounding_boxes", spy)
+    monkeypatch.setattr(overlay_module, "label_text", spy)
     written = predict_files(run / "last.pt", images, tmp_path / "pred", score_threshold=0.0)
     assert drawn and all(label.split()[0] in SYNTHETIC_CLASSES for label in drawn)
     assert all(p.stat().st_size > 0 for p in written if p.suffix == ".png")

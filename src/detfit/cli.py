@@ -184,21 +184,113 @@ def eval_(
 
 @app.command()
 def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="A .pt checkpoint or a run folder.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    out: Annotated[
-        Path, typer.Option("--out", help="Folder for <image>.png overlays and <image>.json.")
+    model: Annotated[
+        Path,
+        typer.Argument(
+            metavar="MODEL",
+            help="A .pt checkpoint, a run folder (its best.pt), an .onnx or a TorchScript file.",
+        ),
     ],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="INPUT...", help="Image files, folders (recursive), globs, video files."
+        ),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output folder (default: a new runs/predict-N)."),
+    ] = None,
     score_threshold: Annotated[
         float, typer.Option(help="Keep detections scoring at least this.")
     ] = 0.5,
+    classes: Annotated[
+        list[str],
+        typer.Option("--classes", help="Keep only these classes (names or category ids)."),
+    ] = [],  # noqa: B006
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 4,
+    coco_json: Annotated[
+        Path | None,
+        typer.Option("--coco-json", help="Also write every image's detections as COCO results."),
+    ] = None,
+    image_ids: Annotated[
+        Path | None,
+        typer.Option("--image-ids", help="COCO file whose images give --coco-json its image ids."),
+    ] = None,
     device: Device = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Draw masks, boxes, class names and scores on each image; write detections as JSON."""
-    from detfit.predict import predict_files
+    """Draw masks, boxes, classes and scores; write <name>.png and <name>.json per image (videos:
+    <name>.mp4 and <name>.jsonl per frame). Unusable inputs are one line each; exit 1 if any."""
+    from detfit.predict import predict_inputs
 
-    written = predict_files(checkpoint, images, out, score_threshold, device)
-    typer.echo(f"wrote {len(written)} files to {out}")
+    out = out or _default_predict_out()
+    summary = predict_inputs(
+        model,
+        inputs,
+        out,
+        batch_size=batch_size,
+        score_threshold=score_threshold,
+        classes=classes or None,
+        device=device,
+        coco_json=coco_json,
+        image_ids=image_ids,
+        progress=not quiet,
+        log=lambda line: typer.echo(line, err=True),
+    )
+    frames = f", {summary.frames} video frames" if summary.frames else ""
+    typer.echo(f"{summary.images} images{frames}: wrote {len(summary.written)} files to {out}")
+    if summary.problems:
+        typer.echo(f"detfit: {len(summary.problems)} input(s) skipped (above)", err=True)
+        raise typer.Exit(1)
+
+
+def _default_predict_out() -> Path:
+    from detfit.predict.run import default_out
+
+    return default_out()
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A .pt checkpoint or a run folder.")],
+    format_: Annotated[
+        str, typer.Option("--format", help="onnx or torchscript (not needed with --strip).")
+    ] = "onnx",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output file (default beside the checkpoint: .onnx/.torchscript.pt)."),
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    images: Annotated[
+        list[Path],
+        typer.Option(
+            "--images", help="Images for the parity check (default: the run's test split)."
+        ),
+    ] = [],  # noqa: B006
+    check: Annotated[
+        bool, typer.Option(help="Compare with eager torch; a mismatch exits 1, no file kept.")
+    ] = True,
+    strip: Annotated[
+        bool, typer.Option(help="Write a weights-only checkpoint (--out) instead.")
+    ] = False,
+) -> None:
+    """Export to ONNX or TorchScript (dynamic height/width, classes inside) with a parity check."""
+    from detfit.export import ParityError, export_model, strip_checkpoint
+
+    if strip:
+        if out is None:
+            raise DetfitError("--strip needs --out FILE.pt")
+        path, before, after = strip_checkpoint(checkpoint, out)
+        typer.echo(f"wrote {path}: {after / 2**20:.1f} MiB (was {before / 2**20:.1f} MiB)")
+        return
+    try:
+        path, report = export_model(checkpoint, format_, out, opset, images, check, log=typer.echo)
+    except ParityError as exc:
+        typer.echo(f"detfit: parity check failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    checked = f"parity ok on {len(report)} images" if report else "not checked (--no-check)"
+    typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); {checked}")
 
 
 @data_app.command("pennfudan")

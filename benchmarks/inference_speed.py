@@ -1,0 +1,154 @@
+"""Seconds per image for eager torch, TorchScript and ONNX Runtime: the same model, the same
+images, one process, side by side; and whether the exported outputs are the eager ones.
+
+    python benchmarks/inference_speed.py --threads 2            # both models, 20 Penn-Fudan images
+    python benchmarks/inference_speed.py --checkpoint maskrcnn_mobilenet_v2_fpn=runs/x/best.pt
+
+Models: the CPU recipe's (``maskrcnn_mobilenet_v2_fpn`` with RECIPES["cpu"]'s model_options) and
+``fasterrcnn_mobilenet_v3_large_320_fpn``. Without ``--checkpoint`` a model has random weights
+(heads He-initialised so scores differ): Mask R-CNN then pastes a mask for every one of its
+detections, so give a trained checkpoint to time what users run. Each runtime gets ``--threads``
+threads, one warm-up image, then ``--repeat`` timed passes over the images; the median pass is
+reported. Exports are written to a temporary folder without the export-time check (the parity
+column here is the check, on these images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+MODELS = ["maskrcnn_mobilenet_v2_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"]
+RUNTIMES = ["eager", "torchscript", "onnx"]
+
+
+def model_checkpoint(name: str, folder: Path, options: dict) -> Path:
+    """A checkpoint of ``name`` with random, spread-out weights (no pretrained file needed)."""
+    import torch
+    from torch import nn
+
+    from detfit.models import build_model, model_info
+
+    torch.manual_seed(0)
+    model = build_model(name, 2, weights=None, weights_backbone=None, **options).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and not module_name.startswith(
+                "backbone"
+            ):
+                module.weight.normal_(std=(2.0 / module.weight[0].numel()) ** 0.5, generator=gen)
+    info = model_info(name, 2, ["__background__", "person"], options, model)
+    path = folder / f"{name}.pt"
+    torch.save({"model": model.state_dict(), "model_info": info, "config": {}}, path)
+    return path
+
+
+def load_images(spec: str | None, count: int) -> list:
+    from detfit.data.images import IMAGE_SUFFIXES, load_rgb
+    from detfit.data.pennfudan import resolve_pennfudan
+
+    folder = Path(spec) if spec else resolve_pennfudan(None, download=False) / "PNGImages"
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+    if not paths:
+        sys.exit(f"{folder}: no images")
+    return [load_rgb(p).float() / 255.0 for p in paths]
+
+
+def time_runtime(backend, images: list, repeat: int) -> float:
+    backend(images[:1])  # warm-up: first-call allocations, ORT graph optimisation
+    passes = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for image in images:
+            backend([image])
+        passes.append((time.perf_counter() - start) / len(images))
+    return statistics.median(passes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--images", help="folder of images (default: Penn-Fudan's PNGImages)")
+    parser.add_argument("--count", type=int, default=20, help="number of images")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--checkpoint", action="append", default=[], help="MODEL=CKPT")
+    parser.add_argument("--set", action="append", default=[], help="model option KEY=VALUE")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    import torch
+    import yaml
+
+    from detfit.config import RECIPES
+    from detfit.export import export_model
+    from detfit.export.parity import compare
+    from detfit.predict.backends import load_backend
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    images = load_images(args.images, args.count)
+    extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    given = dict(c.split("=", 1) for c in args.checkpoint)
+    sizes = sorted({tuple(im.shape[-2:]) for im in images})
+    print(
+        f"{len(images)} images ({len(sizes)} sizes), {args.threads} threads, torch "
+        f"{torch.__version__}, median of {args.repeat} passes"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            options = (
+                dict(RECIPES["cpu"]["model_options"]) if name == RECIPES["cpu"]["model"] else {}
+            )
+            options.update(extra)
+            ckpt = (
+                Path(given[name]) if name in given else model_checkpoint(name, Path(tmp), options)
+            )
+            files = {"eager": ckpt}
+            for fmt in ("torchscript", "onnx"):
+                files[fmt], _ = export_model(
+                    ckpt,
+                    fmt,
+                    Path(tmp) / f"{name}.{fmt}",
+                    images=[],
+                    check=False,
+                    log=lambda s: None,
+                )
+            backends = {k: load_backend(v, "cpu", threads=args.threads) for k, v in files.items()}
+            row = {"model": name, "weights": "checkpoint" if name in given else "random"}
+            eager_out = [backends["eager"]([im])[0] for im in images]
+            for runtime, backend in backends.items():
+                row[f"{runtime}_s_per_image"] = time_runtime(backend, images, args.repeat)
+                if runtime != "eager":
+                    checks = [
+                        compare(str(i), tuple(im.shape[-2:]), eager_out[i], backend([im])[0])
+                        for i, im in enumerate(images)
+                    ]
+                    row[f"{runtime}_parity"] = f"{sum(c.ok for c in checks)}/{len(checks)}"
+            row["detections_per_image"] = sum(len(o["boxes"]) for o in eager_out) / len(images)
+            rows.append(row)
+    print(f"\n{'model':40s} {'runtime':12s} {'s/image':>8s} {'vs eager':>8s} {'parity':>7s}")
+    for row in rows:
+        eager = row["eager_s_per_image"]
+        for runtime in RUNTIMES:
+            s = row[f"{runtime}_s_per_image"]
+            parity = row.get(f"{runtime}_parity", "-")
+            print(f"{row['model']:40s} {runtime:12s} {s:8.3f} {eager / s:7.2f}x {parity:>7s}")
+        print(
+            f"{'':40s} ({row['weights']} weights, {row['detections_per_image']:.1f} "
+            f"detections/image)"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

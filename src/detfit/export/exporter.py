@@ -1,0 +1,161 @@
+"""Export with a parity check: the file is written beside its destination, run through the same
+loader ``detfit predict`` uses, compared with eager torch on real images, and only then renamed
+into place. A failed check leaves no file behind."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detfit.errors import DetfitError
+from detfit.export.formats import FORMATS, SUFFIXES, metadata, output_keys, to_onnx, to_torchscript
+from detfit.export.parity import HEADER, ImageParity, compare
+from detfit.export.transform import for_export
+from detfit.fileio import atomic_write
+from detfit.predict.backends import EagerRunner, load_backend, model_file
+
+# Measured refusals (README "Predict and export"): the exported graph is wrong at every size.
+REFUSED = {
+    ("ssdlite", "onnx"): "SSDlite's ONNX graph decodes boxes 17-33 px away from eager torch at "
+    "every input size (scores agree); use --format torchscript",
+}
+KEEP_KEYS = ("model", "model_info", "config", "history", "metric_key")
+MIN_IMAGES = 4
+
+
+class ParityError(DetfitError):
+    """The exported model disagrees with eager torch (the CLI exits 1)."""
+
+
+def family(name: str) -> str:
+    return next(
+        (
+            f
+            for f in ("ssdlite", "ssd", "retinanet", "fcos", "keypointrcnn", "maskrcnn")
+            if name.startswith(f)
+        ),
+        "fasterrcnn",
+    )
+
+
+def _load(source: str | Path) -> tuple[Path, dict[str, Any]]:
+    from detfit.engine.checkpoint import load_checkpoint
+
+    path = model_file(source)
+    return path, load_checkpoint(path)
+
+
+def strip_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, int, int]:
+    """Keep what eval/predict/export need (weights, model_info, config); drop optimizer state,
+    schedules, RNG and EMA's raw weights. Returns (out, bytes before, bytes after)."""
+    path, ckpt = _load(source)
+    small = {k: ckpt[k] for k in KEEP_KEYS if k in ckpt}
+    out = Path(out)
+    atomic_write(out, lambda f: torch.save(small, f))
+    return out, path.stat().st_size, out.stat().st_size
+
+
+def test_split_images(config: dict[str, Any], count: int) -> list[tuple[str, torch.Tensor]]:
+    """Up to ``count`` images of distinct sizes from the run's test split; none when the data
+    is not at hand."""
+    from detfit.config import TrainConfig
+    from detfit.engine.builders import build_datasets
+
+    try:
+        cfg = TrainConfig.from_dict(config, "checkpoint config")
+        data = build_datasets(cfg, download=False, log=lambda s: None)
+    except (DetfitError, OSError, KeyError, TypeError, ValueError):
+        return []
+    found: dict[tuple[int, int], tuple[str, torch.Tensor]] = {}
+    for i in range(min(len(data.test), 200)):
+        image = data.test[i][0]
+        image = image.float() if image.is_floating_point() else image.float() / 255.0
+        found.setdefault(tuple(image.shape[-2:]), (f"test[{i}]", image))
+        if len(found) >= count:
+            break
+    return list(found.values())
+
+
+def file_images(paths: Sequence[str | Path]) -> list[tuple[str, torch.Tensor]]:
+    from detfit.data.images import load_rgb
+
+    return [(Path(p).name, load_rgb(Path(p)).float() / 255.0) for p in paths]
+
+
+def export_model(
+    source: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    opset: int = 17,
+    images: Sequence[str | Path] = (),
+    check: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, list[ImageParity]]:
+    """Export the checkpoint (or run folder's best.pt) and check it; returns the file and the
+    per-image parity figures. Raises ParityError (nothing written) when they disagree."""
+    from detfit.models import rebuild_model
+
+    if fmt not in FORMATS:
+        raise DetfitError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
+    path, ckpt = _load(source)
+    info = ckpt["model_info"]
+    reason = REFUSED.get((family(info["name"]), fmt))
+    if reason:
+        raise DetfitError(f"{info['name']}: cannot export to {fmt}: {reason}")
+    out = Path(out) if out else path.with_name(path.name.removesuffix(".pt") + SUFFIXES[fmt])
+    samples = file_images(images) if images else test_split_images(ckpt["config"], MIN_IMAGES)
+    if check and not samples:
+        raise DetfitError(
+            f"{path}: the checkpoint's data is not at hand to check parity; give --images "
+            f"(4 or more of different sizes) or --no-check"
+        )
+    model = rebuild_model(info, ckpt["model"], str(path)).eval()
+    example = samples[0][1] if samples else torch.rand(3, 480, 640)
+    keys = output_keys(model, example)
+    meta = metadata(info, fmt, keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about constants: parity decides
+        exportable = for_export(model)  # resizes as eager torch does, in script and trace
+        data = (
+            to_onnx(exportable, example, meta, opset)
+            if fmt == "onnx"
+            else to_torchscript(exportable, meta)
+        )
+    partial = out.with_name(f".{out.name}.partial{out.suffix}")
+    atomic_write(partial, lambda f: f.write(data))
+    try:
+        report = check_parity(model, partial, samples, log) if check else []
+        if any(not r.ok for r in report):
+            bad = sum(not r.ok for r in report)
+            raise ParityError(
+                f"{out}: {fmt} export of {info['name']} differs from eager torch on {bad} of "
+                f"{len(report)} images (figures above); nothing written (--no-check keeps it)"
+            )
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out, report
+
+
+def check_parity(
+    model: torch.nn.Module,
+    exported: Path,
+    samples: list[tuple[str, torch.Tensor]],
+    log: Callable[[str], None],
+) -> list[ImageParity]:
+    eager = EagerRunner(model, torch.device("cpu"))
+    backend = load_backend(exported, "cpu")
+    log(HEADER)
+    report = []
+    for name, image in samples:
+        result = compare(name, tuple(image.shape[-2:]), eager([image])[0], backend([image])[0])
+        log(result.line())
+        report.append(result)
+    if len(samples) < MIN_IMAGES:
+        log(f"note: only {len(samples)} image size(s) at hand; the check asks for {MIN_IMAGES}")
+    return report

@@ -1,0 +1,135 @@
+"""``detfit.Predictor``: one object for every model file detfit makes, one result structure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detfit.errors import DetfitError
+from detfit.predict.backends import Backend, load_backend
+
+ImageLike = Any  # a path, a PIL image, an HxWx3 numpy array or a [3,H,W] tensor
+
+
+@dataclass
+class Prediction:
+    """Detections for one image, scores descending; pixel coordinates of the input image."""
+
+    boxes: torch.Tensor  # float [N, 4] x0, y0, x1, y1
+    labels: torch.Tensor  # int64 [N], 1..K
+    scores: torch.Tensor  # float [N]
+    class_names: list[str]
+    category_ids: list[int]  # the training data's own ids (COCO ids need not be 1..K)
+    masks: torch.Tensor | None = None  # bool [N, H, W]
+    keypoints: torch.Tensor | None = None  # float [N, K, 3] x, y, visibility
+    height: int = 0
+    width: int = 0
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+def to_uint8_image(image: ImageLike) -> torch.Tensor:
+    """uint8 [3,H,W] RGB from a file path, PIL image, HxWx3 array or [3,H,W] tensor."""
+    if isinstance(image, (str, Path)):
+        from detfit.data.images import load_rgb
+
+        return load_rgb(Path(image))
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise DetfitError(f"numpy image of shape {image.shape}: expected HxWx3 RGB")
+        image = torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1)  # a writable copy
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+        raise DetfitError(f"{type(image).__name__}: expected an image path, PIL, HxWx3 or 3xHxW")
+    if image.is_floating_point():
+        return (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    return image.to(torch.uint8).contiguous()
+
+
+class Predictor:
+    """Loads a checkpoint (.pt or run folder: its best.pt), TorchScript or ONNX model.
+
+    >>> predictor = Predictor("runs/maskrcnn_mobilenet_v2_fpn", device="cpu")
+    >>> result = predictor("photo.jpg")  # Prediction(boxes, labels, scores, class_names, masks)
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "auto",
+        score_threshold: float = 0.5,
+        classes: Sequence[str | int] | None = None,
+        mask_threshold: float = 0.5,
+    ) -> None:
+        self.backend: Backend = load_backend(path, device)
+        info = self.backend.info
+        self.classes: list[str] = list(info.get("classes") or [])
+        if not self.classes:
+            self.classes = ["__background__", *map(str, range(1, info["num_classes"]))]
+        ids = info.get("category_ids")
+        self.category_ids: list[int] = list(ids) if ids else list(range(len(self.classes)))
+        self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
+        self.keep_labels = self._labels(classes) if classes else None
+
+    @property
+    def kind(self) -> str:
+        return self.backend.kind
+
+    @property
+    def name(self) -> str:
+        return self.backend.info["name"]
+
+    def _labels(self, classes: Sequence[str | int]) -> set[int]:
+        """Class names, or the source's category ids, as model labels."""
+        labels = set()
+        for c in classes:
+            if str(c) in self.classes[1:]:
+                labels.add(self.classes.index(str(c)))
+            elif str(c).isdigit() and int(c) in self.category_ids[1:]:
+                labels.add(self.category_ids.index(int(c), 1))
+            else:
+                raise DetfitError(
+                    f"--classes {c}: not a class of this model ({', '.join(self.classes[1:])})"
+                )
+        return labels
+
+    def __call__(self, image: ImageLike) -> Prediction:
+        return self.predict([image])[0]
+
+    def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
+        """One Prediction per image, in order (one model call for the batch)."""
+        uint8 = [to_uint8_image(im) for im in images]
+        outputs = self.backend([im.float() / 255.0 for im in uint8])
+        return [self._result(out, im) for out, im in zip(outputs, uint8)]
+
+    def _result(self, out: dict[str, torch.Tensor], image: torch.Tensor) -> Prediction:
+        # RetinaNet/FCOS/SSD score every class index, the background's (0) too: never a result
+        keep = (out["scores"] >= self.score_threshold) & (out["labels"] > 0)
+        if self.keep_labels is not None:
+            keep &= torch.isin(out["labels"], torch.tensor(sorted(self.keep_labels)))
+        labels = out["labels"][keep].long()
+        names = [self.classes[v] if v < len(self.classes) else str(v) for v in labels.tolist()]
+        masks = out.get("masks")
+        if masks is not None:
+            masks = masks[keep][:, 0] > self.mask_threshold
+        keypoints = out.get("keypoints")
+        return Prediction(
+            boxes=out["boxes"][keep].float(),
+            labels=labels,
+            scores=out["scores"][keep].float(),
+            class_names=names,
+            category_ids=[self.category_ids[v] for v in labels.tolist()],
+            masks=masks,
+            keypoints=None if keypoints is None else keypoints[keep],
+            height=image.shape[-2],
+            width=image.shape[-1],
+        )
