@@ -15,8 +15,8 @@ import torch
 from torchvision.io import encode_png
 from tqdm.auto import tqdm
 
-from detfit.errors import DetfitError
 from detfit.data.rle import encode_masks
+from detfit.errors import DetfitError
 from detfit.fileio import atomic_write, atomic_write_text
 from detfit.predict.inputs import Item, expand
 from detfit.predict.overlay import draw_prediction
