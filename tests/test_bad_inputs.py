@@ -426,6 +426,10 @@ RUN_CASES = {
         ["ckpts/good.pt", "weights-only", "cannot be resumed"],
     ),
     "resume nothing": (["train", "--resume", "runs/none"], ["runs/none", "checkpoint not found"]),
+    "predict into a file": (
+        ["predict", "ckpts/good.pt", "settings", "--out", "settings/typo.yaml"],
+        ["--out settings/typo.yaml: is a file"],
+    ),
     "option the model lacks": (
         [*TRAIN, "--model", "fasterrcnn_mobilenet_v2", "--set", "model_options.fpn_channels=64"],
         ["fasterrcnn_mobilenet_v2 does not take model option(s) fpn_channels"],

@@ -95,6 +95,8 @@ def _user_error(
         return DetfitError(f"no space left on device writing {path}{needed}{free}")
     if exc.errno in NOT_WRITABLE:
         return DetfitError(f"cannot write {path}: {exc.strerror} (is {path.parent} read-only?)")
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder should be
+        return DetfitError(f"cannot write {path}: a file stands where a folder is needed")
     return None
 
 

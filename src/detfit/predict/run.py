@@ -148,6 +148,8 @@ def predict_inputs(
         else Predictor(model, device, score_threshold=score_threshold, classes=classes)
     )
     out = Path(out_dir) if out_dir else default_out()
+    if out.exists() and not out.is_dir():
+        raise DetfitError(f"--out {out}: is a file; give a folder for the predictions")
     summary = Summary()
     items = list(expand(inputs, summary.problems))
     for problem in summary.problems:
