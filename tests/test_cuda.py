@@ -57,11 +57,11 @@ def test_resume_on_cuda_restores_scaler_and_ema(synthetic_root, tmp_path, monkey
 
     fit_until_second_evaluation(monkeypatch, cfg)
     first = load_checkpoint(tmp_path / "run")
-    assert first["epoch"] == 0 and first["callbacks"]["EMA"]["updates"] == 2
+    assert first["epoch"] == 1 and first["callbacks"]["EMA"]["updates"] == 2
     logs: list[str] = []
     fit(resume=tmp_path / "run", progress=False, log=logs.append)
     last = load_checkpoint(tmp_path / "run")
-    assert last["epoch"] == 1 and last["callbacks"]["EMA"]["updates"] == 4
+    assert last["epoch"] == 2 and last["callbacks"]["EMA"]["updates"] == 4
     assert last["scaler"]["scale"] > 0
     assert any(line.startswith("resuming") for line in logs)
 

@@ -208,7 +208,7 @@ def test_sigterm_mid_epoch_and_resume_equal_the_uninterrupted_run(landscape_root
     ]
     ckpt = load_checkpoint(b)
     assert (ckpt["epoch"], ckpt["iteration"], ckpt["evaluated"], len(ckpt["rng"])) == (
-        1,
+        2,
         2,
         False,
         2,

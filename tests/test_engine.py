@@ -378,7 +378,7 @@ def test_fit_writes_a_complete_run_folder(full_run):
         assert math.isfinite(json_row["train_loss"]) and json_row["train_loss"] > 0
 
     last = load_checkpoint(run_dir / "last.pt")
-    assert load_checkpoint(run_dir)["epoch"] == last["epoch"] == 1
+    assert load_checkpoint(run_dir)["epoch"] == last["epoch"] == 2
     assert last["config"] == cfg.to_dict()
     assert last["history"] == history
     assert last["metric_key"] == "segm_AP"
@@ -386,7 +386,7 @@ def test_fit_writes_a_complete_run_folder(full_run):
     assert last["model_info"]["classes"] == ["__background__", "person"]
     best = load_checkpoint(run_dir / "best.pt")
     aps = [row["segm_AP"] for row in history]
-    assert best["epoch"] == aps.index(max(aps))
+    assert best["epoch"] == aps.index(max(aps)) + 1
     best_of = [c["callbacks"]["Checkpointer"]["best"] for c in (best, last)]
     assert best_of == [max(aps), max(aps)]
     assert last["world_size"] == history[0]["world_size"] == 1
@@ -405,7 +405,7 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, monkeypatch
 
     fit_until_second_evaluation(monkeypatch, cfg)
     run_b = Path(cfg.out)
-    assert load_checkpoint(run_b)["epoch"] == 0
+    assert load_checkpoint(run_b)["epoch"] == 1
     assert len(json.loads((run_b / "metrics.json").read_text())) == 1
 
     logs: list[str] = []
@@ -413,7 +413,7 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, monkeypatch
     assert f"resuming {run_b} after epoch 1 (of 2 epochs)" in logs
 
     a, b = load_checkpoint(run_a), load_checkpoint(run_b)
-    assert b["epoch"] == 1
+    assert b["epoch"] == 2
     assert list(a["model"]) == list(b["model"])
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

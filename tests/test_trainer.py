@@ -131,7 +131,7 @@ def test_the_readmes_early_stopping_callback_stops_training(landscape_root, tmp_
     # stops at the first epoch that does not beat the best before it
     first_flat = next(i for i in range(1, len(aps)) if aps[i] <= max(aps[:i]))
     assert len(history) == first_flat + 1 < 6
-    assert load_checkpoint(run)["epoch"] == first_flat
+    assert load_checkpoint(run)["epoch"] == first_flat + 1
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,7 @@ def test_a_signal_mid_epoch_saves_and_the_resumed_run_is_exact(
     assert info.value.exit_code == 128 + signum
     assert recorder.events[-2:] == ["checkpoint last.pt", f"interrupt {name}"]
     stopped = load_checkpoint(run)
-    assert (stopped["epoch"], stopped["iteration"], stopped["evaluated"]) == (1, 2, False)
+    assert (stopped["epoch"], stopped["iteration"], stopped["evaluated"]) == (2, 2, False)
     assert stopped["global_step"] == 5 and len(stopped["history"]) == 1
     assert len(json.loads((run / "metrics.json").read_text())) == 1
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored

@@ -418,7 +418,7 @@ class Trainer:
             "model": self.eval_model.state_dict(),
             "model_info": self.info,
             "config": self.cfg.to_dict(),
-            "epoch": self.epoch,
+            "epoch": self.epoch + 1,  # counted from 1, as in metrics and every message
             "iteration": self.iteration,
             "evaluated": self.evaluated,
             "global_step": self.global_step,
@@ -444,7 +444,8 @@ class Trainer:
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.history = list(ckpt["history"])
-        self.epoch = int(ckpt["epoch"])
+        # "epoch" counts from 1; checkpoints from before mid-epoch saves (no "iteration") from 0
+        self.epoch = int(ckpt["epoch"]) - ("iteration" in ckpt)
         self.iteration = int(ckpt.get("iteration", 0))
         self.evaluated = bool(ckpt.get("evaluated", True))  # older checkpoints: epoch ends only
         self.global_step = int(ckpt.get("global_step", 0))
