@@ -349,3 +349,16 @@ def test_a_recipes_options_adapt_to_the_model_and_the_data():
         options_for_data(
             recipe_config("tutorial", model_options={"fpn_channels": 64}), crowded, logs.append
         )
+
+
+def test_a_second_signal_aborts_at_once_but_a_forwarded_duplicate_does_not():
+    from detfit.engine import interrupt
+
+    with interrupt.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun forwarding the same Ctrl-C: ignored
+        assert stop.requested and stop.name == "SIGINT"
+        stop._first_at -= interrupt.SECOND_SIGNAL_AFTER_S  # a person's second Ctrl-C, later
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
