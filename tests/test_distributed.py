@@ -234,6 +234,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(landscape_root, tmp_path
     assert load_checkpoint(out)["global_step"] == 2
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost(synthetic_root, tmp_path):
     out = tmp_path / "run"
     port = free_port()
@@ -277,6 +278,7 @@ def global_step(run_dir: Path) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_elastic_restart_continues_after_a_worker_is_killed(landscape_root, tmp_path):
     out = tmp_path / "run"
     args = train_args(landscape_root, out, "--epochs", "3", "--set", "checkpoint_every_iters=1")
@@ -304,6 +306,7 @@ def test_elastic_restart_continues_after_a_worker_is_killed(landscape_root, tmp_
     assert load_checkpoint(out)["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(landscape_root, tmp_path):
     out = tmp_path / "run"
     args = train_args(landscape_root, out, "--epochs", "4", "--set", "checkpoint_every_iters=1")
