@@ -86,20 +86,20 @@ def train(
     from detfit.engine import Trainer
 
     say = typer.echo if distributed.env_is_main() else (lambda *a, **k: None)
+    given = dict(  # the settings given as flags (None: not given)
+        dataset=data,
+        data_root=str(data_root) if data_root else None,
+        model=model,
+        weights=weights,
+        weights_backbone=weights_backbone,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        workers=workers,
+        device=device,
+        out=str(out) if out else None,
+    )
     if resume is not None:
-        given = dict(
-            epochs=epochs,
-            workers=workers,
-            device=device,
-            data_root=str(data_root) if data_root else None,
-            dataset=data,
-            model=model,
-            weights=weights,
-            weights_backbone=weights_backbone,
-            batch_size=batch_size,
-            lr=lr,
-            out=str(out) if out else None,
-        )
         if config is not None or recipe != "auto" or overwrite:
             raise DetfitError(
                 "--resume continues a run with its own settings: --config, --recipe and "
@@ -134,20 +134,7 @@ def train(
         raise DetfitError(f"unknown recipe {recipe!r}; choose auto, {', '.join(RECIPES)}")
     base = load_settings(config) if config else recipe_config(recipe).to_dict()
     base.pop("out", None)  # a run's own config.yaml names its folder: start a new one
-    overrides = dict(
-        dataset=data,
-        data_root=str(data_root) if data_root else None,
-        model=model,
-        weights=weights,
-        weights_backbone=weights_backbone,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        workers=workers,
-        device=device,
-        out=str(out) if out else None,
-    )
-    settings = merge_settings(base, overrides, set_)
+    settings = merge_settings(base, given, set_)
     cfg = TrainConfig.from_dict(settings, str(config) if config else "")
     run_dir = Trainer(cfg, overwrite=overwrite, progress=not quiet).fit()
     say(f"done: {run_dir} (best.pt, last.pt, metrics.csv, config.yaml)")
