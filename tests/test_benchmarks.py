@@ -74,7 +74,7 @@ def test_sweep_runs_variants_in_parallel_and_summarises(synthetic_root, tmp_path
     table = json.loads(summary.read_text())
     assert list(table) == ["plain", "mask_x3", "typo"] and table["typo"] == []
     for rows in (table["plain"], table["mask_x3"]):
-        assert [r["epoch"] for r in rows] == [0, 1]
+        assert [r["epoch"] for r in rows] == [1, 2]
         assert all(-1.0 <= r["segm_AP"] <= 1.0 and r["train_loss"] > 0 for r in rows)
     lines = result.stdout.splitlines()
     assert lines[0].startswith("typo: exit 1: ") and "loss_msk not among" in lines[0]
