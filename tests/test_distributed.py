@@ -59,7 +59,7 @@ def free_port() -> int:
 
 
 def train_args(root: Path, out: Path, *more: str) -> list[str]:
-    """A tiny Faster R-CNN on the synthetic set: 5 train / 3 test images."""
+    """A tiny Faster R-CNN (THIN) on the synthetic set: 5 train / 3 test images."""
     args = [
         "-m",
         "detfit",
@@ -71,8 +71,12 @@ def train_args(root: Path, out: Path, *more: str) -> list[str]:
     ]
     args += ["--weights", "none", "--weights-backbone", "none", "--data-root", str(root)]
     args += ["--workers", "0", "--quiet", "--out", str(out), "--set", "num_test=3"]
-    args += ["--set", "threads=1", "--set", f"model_options={json.dumps({**TINY, **FAST_EVAL})}"]
+    args += ["--set", "threads=1", "--set", f"model_options={json.dumps(THIN)}"]
     return args + list(more)
+
+
+# Thin heads: checkpoints of a few MB, written in a blink (every step in some tests).
+THIN = {**TINY, **FAST_EVAL, "fpn_channels": 32, "box_batch_size_per_image": 32}
 
 
 def job_config(root: Path, out: Path, **changes) -> dict:

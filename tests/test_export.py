@@ -133,6 +133,7 @@ def test_failed_parity_exits_1_and_leaves_no_file(images, tmp_path, monkeypatch,
 
 
 def test_export_needs_images_when_the_data_is_absent(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DETFIT_HOME", str(tmp_path / "empty_cache"))  # no Penn-Fudan there
     name, options = FAMILIES["fasterrcnn"]
     ckpt = tiny_checkpoint(tmp_path / "model.pt", name, options)
     code, _, err = run_main(monkeypatch, capsys, "export", ckpt, "--format", "onnx")
