@@ -301,7 +301,7 @@ def test_predictor_takes_paths_pil_numpy_and_tensors(demo):
     predictor = Predictor(demo["root"] / "small.pt", device="cpu", score_threshold=0.0)
     path = demo["images"][0]
     pil = Image.open(path).convert("RGB")
-    array = np.asarray(pil)
+    array = np.array(pil)  # a writable copy, as torch.from_numpy wants
     results = [
         predictor(path),
         predictor(pil),
