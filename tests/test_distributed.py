@@ -52,6 +52,13 @@ def run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+def start(cmd: list) -> subprocess.Popen:
+    """``cmd`` launched in the background, its output captured."""
+    return subprocess.Popen(
+        [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -253,11 +260,7 @@ def test_two_nodes_on_localhost(synthetic_root, tmp_path):
             *train_args(synthetic_root, out, "--epochs", "1"),
             nproc=1,
         )
-        launches.append(
-            subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
-            )
-        )
+        launches.append(start(cmd))
     outputs = [p.communicate(timeout=TIMEOUT) for p in launches]
     for p, (stdout, stderr) in zip(launches, outputs):
         assert p.returncode == 0, stdout + stderr
@@ -289,13 +292,7 @@ def global_step(run_dir: Path) -> int:
 def test_elastic_restart_continues_after_a_worker_is_killed(landscape_root, tmp_path):
     out = tmp_path / "run"
     args = train_args(landscape_root, out, "--epochs", "3", "--set", "checkpoint_every_iters=1")
-    launcher = subprocess.Popen(
-        [str(c) for c in torchrun("--standalone", "--max-restarts=1", *args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env(),
-    )
+    launcher = start(torchrun("--standalone", "--max-restarts=1", *args))
     try:
         wait_for(lambda: global_step(out) >= 2 or launcher.poll() is not None)
         workers = [p for p in psutil.Process(launcher.pid).children() if "detfit" in p.cmdline()]
@@ -318,13 +315,7 @@ def test_elastic_restart_continues_after_a_worker_is_killed(landscape_root, tmp_
 def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint(landscape_root, tmp_path):
     out = tmp_path / "run"
     args = train_args(landscape_root, out, "--epochs", "4", "--set", "checkpoint_every_iters=1")
-    launcher = subprocess.Popen(
-        [str(c) for c in torchrun("--standalone", *args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env(),
-    )
+    launcher = start(torchrun("--standalone", *args))
     try:
         wait_for(lambda: global_step(out) >= 1 or launcher.poll() is not None)
         launcher.send_signal(signal.SIGTERM)
