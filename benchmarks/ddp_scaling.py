@@ -35,6 +35,8 @@ def launch(nproc: int, args: argparse.Namespace, out: Path, threads: int | None)
     cmd += ["--set", f"num_test={args.num_test}"]
     if threads:
         cmd += ["--set", f"threads={threads}"]
+    for setting in args.set:
+        cmd += ["--set", setting]
     if args.data_root:
         cmd += ["--data-root", args.data_root]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads or 1)}
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--num-test", type=int, default=2)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--processes", type=int, default=None, help="N (default: 2, or all GPUs)")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every variant")
     args = parser.parse_args()
 
     gpus = torch.cuda.device_count()
