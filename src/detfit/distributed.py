@@ -113,11 +113,26 @@ def setup(device: torch.device) -> None:
     plain process, or when the group is already up."""
     if not launched_with_torchrun() or int(os.environ["WORLD_SIZE"]) < 1 or is_initialized():
         return
+    store, rank, size = attempt_store()
+    options: dict = {"store": store, "rank": rank, "world_size": size, "timeout": TIMEOUT}
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
+        dist.init_process_group("nccl", device_id=device, **options)
     else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        dist.init_process_group("gloo", **options)
+
+
+def attempt_store() -> tuple[dist.Store, int, int]:
+    """torchrun's store (found the way ``env://`` finds it), under a prefix of its own for each
+    elastic restart.
+
+    torchrun keeps one store for the whole job (its rendezvous store is shared with the workers),
+    and a process group writes its members' addresses under the same keys every time: a group
+    restarted by ``--max-restarts`` then reads the killed group's addresses and fails to connect
+    ("connectFullMesh ... Connection refused") or waits on a socket nobody answers.
+    """
+    store, rank, size = next(dist.rendezvous("env://", timeout=TIMEOUT))
+    return dist.PrefixStore(f"detfit/attempt_{elastic_restart_count()}", store), rank, size
 
 
 def shutdown(clean: bool = True) -> None:

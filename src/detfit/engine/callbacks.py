@@ -112,9 +112,9 @@ class Checkpointer(Callback):
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         improved = row[trainer.metric_key] > self.best
         self.best = max(self.best, row[trainer.metric_key])
-        trainer.save_checkpoint("last.pt")
-        if improved:
+        if improved:  # before last.pt: a kill between the two must not lose the best epoch
             trainer.save_checkpoint("best.pt")
+        trainer.save_checkpoint("last.pt")
 
     def on_interrupt(self, trainer: Trainer, reason: str) -> None:
         trainer.save_checkpoint("last.pt")

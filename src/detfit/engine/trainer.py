@@ -37,6 +37,7 @@ from detfit.engine.callbacks import (
     ConsoleLog,
     MetricsWriter,
     ProgressBar,
+    write_metrics,
 )
 from detfit.engine.checkpoint import (
     RUN_FILES,
@@ -219,6 +220,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.meter = LossMeter()
         self.should_stop = False
+        self.finished = False  # an elastic restart found the run already complete
         self.last_evaluation: EvaluationResult | None = None
         self.seconds_before = 0.0  # training time before a resume
 
@@ -258,15 +260,18 @@ class Trainer:
             self.stop = stop
             try:
                 self._setup()
-                self._fire("on_train_start")
-                self._train()
-                self._fire("on_train_end")
+                if not self.finished:
+                    self._fire("on_train_start")
+                    self._train()
+                    self._fire("on_train_end")
             finally:
                 # drop every reference to the DDP wrapper before the group goes (see shutdown)
                 self.model = self.step = None
         return self.run_dir
 
-    def _load_resume(self, path: Path) -> None:
+    def _load_resume(self, path: Path, finished_ok: bool = False) -> None:
+        """Load the run to continue; with ``finished_ok`` a run that has trained all its epochs
+        sets :attr:`finished` instead of being refused."""
         ckpt = load_checkpoint(path)
         missing = [k for k in ("optimizer", "scheduler", "history", "epoch") if k not in ckpt]
         if missing:
@@ -290,7 +295,10 @@ class Trainer:
         for key, value in changed.items():
             setattr(cfg, key, value)
         done = len(ckpt.get("history", []))
-        if cfg.epochs < done or (cfg.epochs == done and ckpt.get("evaluated", True)):
+        complete = cfg.epochs < done or (cfg.epochs == done and ckpt.get("evaluated", True))
+        if complete and finished_ok:
+            self.finished = True
+        elif complete:
             raise DetfitError(
                 f"--resume {self.run_dir}: the run has already trained {done} epoch(s); "
                 f"give --epochs N with N > {done} to train it further"
@@ -310,8 +318,14 @@ class Trainer:
             run_dir = Path(cfg.out)
             if distributed.elastic_restart_count() > 0:  # torchrun restarted us: continue
                 if (run_dir / "last.pt").is_file():
-                    self.log(f"restart {distributed.elastic_restart_count()}: continuing {run_dir}")
-                    self._load_resume(run_dir)
+                    # the group may have been killed after the last epoch's checkpoint
+                    self._load_resume(run_dir, finished_ok=True)
+                    restart = distributed.elastic_restart_count()
+                    self.log(
+                        f"restart {restart}: {run_dir} has finished all {self.cfg.epochs} epochs"
+                        if self.finished
+                        else f"restart {restart}: continuing {run_dir}"
+                    )
                     return run_dir
                 self.overwrite = True
             if holds_run(run_dir) and not self.overwrite:
@@ -325,6 +339,10 @@ class Trainer:
     def _setup(self) -> None:
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
         self.run_dir = self._choose_run_dir()
+        if self.finished:  # the kill may have come before the metrics files were rewritten
+            if distributed.is_main():
+                write_metrics(self.run_dir, self.checkpoint["history"])
+            return
         cfg = self.cfg  # a restart may have loaded the run's own settings
         cfg.out = str(self.run_dir)
         cfg.world_size, cfg.global_batch_size = self.world_size, self.world_size * cfg.batch_size
