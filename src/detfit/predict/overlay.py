@@ -69,17 +69,23 @@ def draw_prediction(
     image: torch.Tensor,
     boxes: torch.Tensor,
     labels: Sequence[int],
-    scores: Sequence[float],
+    scores: Sequence[float] | None,
     class_names: Sequence[str],
     masks: torch.Tensor | None = None,
     keypoints: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """uint8 [3,H,W] image with masks (bool [N,H,W]), boxes, labels and keypoints drawn."""
+    """uint8 [3,H,W] image with masks (bool [N,H,W]), boxes, labels and keypoints drawn.
+    ``scores=None`` (ground truth) labels each object with its class name alone."""
     pixels = image.permute(1, 2, 0).numpy().astype(np.float32)
     labels = [int(v) for v in labels]
     if masks is not None and len(masks):
         # lowest score first, so the best detection's colour is the one on top where masks overlap
-        for k in sorted(range(len(labels)), key=lambda i: scores[i]):
+        order = (
+            range(len(labels))
+            if scores is None
+            else sorted(range(len(labels)), key=lambda i: scores[i])
+        )
+        for k in order:
             m = masks[k].numpy()
             colour = np.asarray(class_colour(labels[k]), dtype=np.float32)
             pixels[m] = (1 - MASK_ALPHA) * pixels[m] + MASK_ALPHA * colour
@@ -99,7 +105,7 @@ def draw_prediction(
             for x, y, v in keypoints[k].tolist():
                 if v > 0:
                     draw.ellipse((x - r, y - r, x + r, y + r), fill=colour, outline=(0, 0, 0))
-        text = label_text(class_names[k], float(scores[k]))
+        text = class_names[k] if scores is None else label_text(class_names[k], float(scores[k]))
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tw, th = right - left + 2 * line, bottom - top + 2 * line
         tx = min(max(0.0, x0), max(0.0, width - tw))

@@ -14,6 +14,9 @@ from detfit.errors import DetfitError
 from detfit.predict.backends import Backend, load_backend
 
 ImageLike = Any  # a path, a PIL image, an HxWx3 numpy array or a [3,H,W] tensor
+# Detections scoring below this are not shown: by predict, in galleries and confusion matrices.
+DEFAULT_SCORE_THRESHOLD = 0.5
+DEFAULT_MASK_THRESHOLD = 0.5  # a mask pixel's probability from which it belongs to the object
 
 
 @dataclass
@@ -66,9 +69,9 @@ class Predictor:
         self,
         path: str | Path,
         device: str = "auto",
-        score_threshold: float = 0.5,
+        score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         classes: Sequence[str | int] | None = None,
-        mask_threshold: float = 0.5,
+        mask_threshold: float = DEFAULT_MASK_THRESHOLD,
     ) -> None:
         self.backend: Backend = load_backend(path, device)
         info = self.backend.info

@@ -20,7 +20,7 @@ from detfit.errors import DetfitError
 from detfit.fileio import atomic_write, atomic_write_text
 from detfit.predict.inputs import Item, expand
 from detfit.predict.overlay import draw_prediction
-from detfit.predict.predictor import Prediction, Predictor
+from detfit.predict.predictor import DEFAULT_SCORE_THRESHOLD, Prediction, Predictor
 
 
 @dataclass
@@ -131,7 +131,7 @@ def predict_inputs(
     out_dir: str | Path | None = None,
     *,
     batch_size: int = 4,
-    score_threshold: float = 0.5,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     classes: Sequence[str] | None = None,
     device: str = "auto",
     coco_json: str | Path | None = None,
@@ -275,7 +275,7 @@ def predict_files(
     checkpoint: str | Path,
     images: Sequence[str | Path],
     out_dir: str | Path,
-    score_threshold: float = 0.5,
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     device: str = "auto",
 ) -> list[Path]:
     """The earlier API: overlays and JSON for ``images``; returns the files written."""
