@@ -271,6 +271,17 @@ class TrainConfig(BaseModel):
         3, description="grouped batching by aspect ratio; -1 disables it"
     )
     print_freq: PositiveInt = Field(10, description="iterations between log lines")
+    plots: bool = Field(
+        True,
+        description="results.png every epoch; PR curves, confusion matrix and val_predictions.jpg "
+        "for the best epoch",
+    )
+    val_loss: bool = Field(
+        False, description="also compute the losses on the held-out split every epoch (val_*)"
+    )
+    logger: Literal["none", "tensorboard"] = Field(
+        "none", description="tensorboard: scalars and images under RUN/tensorboard"
+    )
     checkpoint_every_iters: PositiveInt | None = Field(
         None, description="also write last.pt every N training iterations"
     )

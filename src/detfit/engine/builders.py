@@ -37,7 +37,7 @@ class Datasets:
     category_ids: list[int] | None = None  # the source's category id per label
     has_masks: bool = True
     keypoint_names: list[str] | None = None
-    held_out: str = "split"  # where ``test`` comes from: "val", "test" or "split" (seeded)
+    held_out: str = "split"  # where ``test`` comes from: "val", "test", "split" (seeded), "all"
     max_objects: int = 0  # the most objects in one training image (detection caps adapt to it)
 
 
@@ -61,7 +61,8 @@ def build_datasets(
 ) -> Datasets:
     """The configured dataset, checked, with the split that is evaluated: the spec's ``held_out``
     split ("val" while training, "test" for ``detfit eval``) if it names one, else the other of
-    val/test, else the seeded tutorial split of ``num_test`` images.
+    val/test, else the seeded tutorial split of ``num_test`` images; ``held_out="all"`` (``detfit
+    eval --data``): the test or val split, else every image.
 
     Every format, Penn-Fudan included, goes through the same check first (every image decoded):
     fatal problems stop here with one line naming the file.
@@ -74,21 +75,23 @@ def build_datasets(
         validate([records], spec.text or "pennfudan", log)
         train_full = PennFudanDataset(root, train_transforms(cfg.hflip_prob, cfg.photometric))
         test_full = PennFudanDataset(root, eval_transforms())
+        classes, most = list(PennFudanDataset.classes), most_objects(records)
+        if held_out == "all":
+            return Datasets(train_full, test_full, classes, max_objects=most, held_out="all")
         num_test = held_out_count(len(train_full), cfg, str(root), log)
         train, test = split_dataset(train_full, test_full, num_test, cfg.split_seed)
-        return Datasets(
-            train, test, list(PennFudanDataset.classes), max_objects=most_objects(records)
-        )
+        return Datasets(train, test, classes, max_objects=most)
 
     train_set = spec.read("train")
     order = ("val", "test") if held_out == "val" else ("test", "val")
-    source = next((s for s in order if getattr(spec, s) is not None), "split")
-    eval_set = spec.read(source, train_set.classes) if source != "split" else None
+    unsplit = "all" if held_out == "all" else "split"
+    source = next((s for s in order if getattr(spec, s) is not None), unsplit)
+    eval_set = spec.read(source, train_set.classes) if source in ("val", "test") else None
     train_tf = train_transforms(cfg.hflip_prob, cfg.photometric, train_set.keypoint_names)
     validate([train_set] + ([eval_set] if eval_set else []), spec.text, log)
-    if eval_set is not None:
+    if eval_set is not None or source == "all":
         train = DetectionDataset(train_set, train_tf, train=True)
-        test = DetectionDataset(eval_set, eval_transforms())
+        test = DetectionDataset(eval_set or train_set, eval_transforms())
     else:
         num_test = held_out_count(len(train_set.images), cfg, spec.text, log)
         train, test = split_dataset(

@@ -110,9 +110,9 @@ class Checkpointer(Callback):
             trainer.save_checkpoint("last.pt")
 
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        improved = row[trainer.metric_key] > self.best
         self.best = max(self.best, row[trainer.metric_key])
-        if improved:  # before last.pt: a kill between the two must not lose the best epoch
+        # best.pt before last.pt: a kill between the two must not lose the best epoch
+        if is_new_best(trainer.history, trainer.metric_key):
             trainer.save_checkpoint("best.pt")
         trainer.save_checkpoint("last.pt")
 
@@ -124,6 +124,12 @@ class Checkpointer(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = float(state.get("best", -1.0))
+
+
+def is_new_best(history: list[dict[str, Any]], key: str) -> bool:
+    """Whether the last epoch beats every earlier one on ``key``: the epoch ``best.pt`` holds."""
+    *earlier, last = history
+    return last[key] > max((row[key] for row in earlier), default=-1.0)
 
 
 class MetricsWriter(Callback):
@@ -144,6 +150,43 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows(history)
     atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
+
+
+class ValidationLoss(Callback):
+    """``val_loss`` and ``val_<name>`` per loss in the metrics: the training losses of the
+    evaluated weights (EMA's when on) on the held-out split, after each evaluation (setting
+    ``val_loss``). Runs on every rank, each over its share of the images."""
+
+    def on_evaluation(self, trainer: Trainer, result: EvaluationResult) -> None:
+        from detfit.engine.validation import validation_losses
+
+        trainer.extra_metrics.update(
+            validation_losses(
+                trainer.eval_model, trainer.loaders.test, trainer.device, trainer.step.loss_weights
+            )
+        )
+
+
+class Plots(Callback):
+    """``results.png`` after every epoch; ``pr_curve_<type>.png``, ``confusion_matrix.png`` and
+    ``val_predictions.jpg`` whenever an epoch becomes the best, so they always show the weights in
+    ``best.pt`` (at the end of training too). Rank 0 alone: it holds the evaluation's COCOeval.
+    The predictions drawn are the ones the evaluation scored: no model runs again."""
+
+    main_process_only = True
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        from detfit.plots import evaluation_figures, plot_results, save_figure, write_figures
+
+        title = f"{trainer.run_dir.name} ({trainer.cfg.model})"
+        figure = plot_results(trainer.history, title, best_key=trainer.metric_key)
+        save_figure(figure, trainer.run_dir / "results.png")
+        if is_new_best(trainer.history, trainer.metric_key):
+            heading = f"{title}, epoch {row['epoch']} (best)"
+            figures = evaluation_figures(
+                trainer.last_evaluation, trainer.data.classes, heading, trainer.data.test
+            )
+            write_figures(figures, trainer.run_dir)
 
 
 class ConsoleLog(Callback):

@@ -31,6 +31,8 @@ __all__ = [
 ]
 
 MAX_NONFINITE_STEPS = 5  # consecutive NaN/inf losses before training stops
+# What LossMeter.summary reports beside the mean of each loss (metrics rows: train_<name>).
+NOT_LOSSES = ("lr", "seconds", "seconds_per_iter", "skipped_steps")
 
 
 def move_to(images, targets, device: torch.device):

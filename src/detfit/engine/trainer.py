@@ -1,6 +1,7 @@
 """The main job: train with a COCO evaluation after every epoch, writing a run folder.
 
-runs/<name>/  config.yaml  metrics.csv  metrics.json  last.pt  best.pt
+runs/<name>/  config.yaml  metrics.csv  metrics.json  last.pt  best.pt  results.png
+              pr_curve_{bbox,segm}.png  confusion_matrix.png  val_predictions.jpg  [tensorboard/]
 
 :class:`Trainer` owns the loop and the run's state; everything else it does (checkpoints,
 metrics files, EMA, progress, console lines, and whatever a user adds) is a callback
@@ -36,7 +37,9 @@ from detfit.engine.callbacks import (
     Checkpointer,
     ConsoleLog,
     MetricsWriter,
+    Plots,
     ProgressBar,
+    ValidationLoss,
     write_metrics,
 )
 from detfit.engine.checkpoint import (
@@ -72,6 +75,8 @@ RESUMABLE = (
     "checkpoint_every_iters",
     "data_root",
     "eval_batch_size",
+    "plots",
+    "logger",
 )
 
 
@@ -222,6 +227,8 @@ class Trainer:
         self.should_stop = False
         self.finished = False  # an elastic restart found the run already complete
         self.last_evaluation: EvaluationResult | None = None
+        # columns callbacks add to the epoch's metrics row during on_evaluation (val_loss, ...)
+        self.extra_metrics: dict[str, float] = {}
         self.seconds_before = 0.0  # training time before a resume
 
     # ---- public helpers for callbacks -------------------------------------------------------
@@ -424,9 +431,18 @@ class Trainer:
         return model, info
 
     def _default_callbacks(self) -> list[Callback]:
-        callbacks: list[Callback] = [EMA(self.cfg.ema_decay)] if self.cfg.ema_decay else []
+        cfg = self.cfg
+        callbacks: list[Callback] = [EMA(cfg.ema_decay)] if cfg.ema_decay else []
+        if cfg.val_loss:
+            callbacks.append(ValidationLoss())
         # the checkpoint before the metrics files: they never list an epoch last.pt lacks
-        callbacks += [Checkpointer(self.cfg.checkpoint_every_iters), MetricsWriter(), ConsoleLog()]
+        callbacks += [Checkpointer(cfg.checkpoint_every_iters), MetricsWriter(), ConsoleLog()]
+        if cfg.plots:
+            callbacks.append(Plots())
+        if cfg.logger == "tensorboard":
+            from detfit.engine.tensorboard import TensorBoardLogger
+
+            callbacks.append(TensorBoardLogger())
         if self.progress:
             callbacks.append(ProgressBar())
         return callbacks
@@ -523,6 +539,7 @@ class Trainer:
                 verbose=False,
             )
             self.last_evaluation = result
+            self.extra_metrics = {}
             self._fire("on_evaluation", result)
             row = self._metrics_row(result)
             self.history.append(row)
@@ -555,6 +572,7 @@ class Trainer:
             "epoch": self.epoch + 1,
             "minutes": round(self.minutes, 3),
             **{f"train_{k}": v for k, v in train.items()},
+            **self.extra_metrics,
             "eval_seconds": result.seconds,
             "eval_seconds_per_image": result.seconds / max(result.num_images, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
