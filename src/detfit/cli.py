@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(
-    help="Datasets: check, convert, examples, Penn-Fudan download.", no_args_is_help=True
+    help="Datasets: check, show, convert, examples, Penn-Fudan download.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
 
@@ -76,6 +76,13 @@ def train(
         list[str],
         typer.Option("--set", help="Any setting as KEY=VALUE, e.g. model_options.min_size=512."),
     ] = [],  # noqa: B006
+    logger: Annotated[
+        str | None,
+        typer.Option(
+            help="none or tensorboard: losses, lr, COCO numbers and pictures under RUN/tensorboard "
+            "(pip install 'detfit[tensorboard]')."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Fine-tune (Penn-Fudan by default, or --data), with a COCO evaluation after every epoch."""
@@ -98,6 +105,7 @@ def train(
         workers=workers,
         device=device,
         out=str(out) if out else None,
+        logger=logger,
     )
     if resume is not None:
         if config is not None or recipe != "auto" or overwrite:
@@ -146,27 +154,64 @@ def eval_(
     data_root: DataRoot = None,
     data: Annotated[
         str | None,
-        typer.Option("--data", help="Evaluate on this dataset instead of the run's test split."),
+        typer.Option(
+            "--data",
+            help="Evaluate on this dataset instead of the run's test split: its test (or val) "
+            "split when it names one, else every image.",
+        ),
     ] = None,
     device: Device = "auto",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the stats here.")
     ] = None,
+    plots: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for pr_curve_*.png, confusion_matrix.png and val_predictions.jpg "
+            "(default: eval-<checkpoint name> beside the checkpoint)."
+        ),
+    ] = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Write no pictures.")] = False,
 ) -> None:
-    """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type).
+    """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type, and
+    AP per class), with PR curves, a confusion matrix and predictions beside ground truth.
 
     Under torchrun (torchrun --nproc_per_node N -m detfit eval ...) the images are shared out and
     the detections gathered: the same numbers, sooner."""
     from detfit import distributed
-    from detfit.eval.saved import evaluate_checkpoint
+    from detfit.eval.saved import default_plots_dir, evaluate_checkpoint, stats_report
     from detfit.fileio import atomic_write_text
 
-    result = evaluate_checkpoint(checkpoint, data=data, data_root=data_root, device=device)
+    result = evaluate_checkpoint(
+        checkpoint,
+        data=data,
+        data_root=data_root,
+        device=device,
+        plots=None if no_plots else plots or default_plots_dir(checkpoint),
+        log=lambda line: typer.echo(line, err=True),
+    )
     if not distributed.env_is_main():
         return
-    typer.echo(json.dumps(result.stats, indent=2))
+    report = json.dumps(stats_report(result), indent=2)
+    typer.echo(report)
     if json_out:
-        atomic_write_text(json_out, json.dumps(result.stats, indent=2))
+        atomic_write_text(json_out, report)
+
+
+@app.command()
+def plot(
+    runs: Annotated[
+        list[Path], typer.Argument(metavar="RUN...", help="Run folders (or their metrics.csv).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Image file to write (default: compare.png in the runs' folder)."),
+    ] = None,
+) -> None:
+    """Loss and AP curves per epoch of one or several runs on one figure, to compare them."""
+    from detfit.plots.curves import plot_run_folders
+
+    typer.echo(f"wrote {plot_run_folders(runs, out)}")
 
 
 @app.command()
@@ -344,6 +389,28 @@ def data_check(
     )
     if fatal:
         raise typer.Exit(1)
+
+
+@data_app.command("show")
+def data_show(
+    dataset: DatasetArg,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder to write into (default: a new runs/data-show).")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images on the contact sheet.")] = 16,
+    split: Annotated[str, typer.Option(help="Which split: train, val or test.")] = "train",
+    seed: Annotated[int, typer.Option(help="Seed of the images chosen.")] = 0,
+) -> None:
+    """Look at a dataset: samples.jpg (N images with boxes, masks and class names drawn) and
+    labels.png (instances per class, box sizes, aspect ratios, where box centres fall)."""
+    from detfit.plots.dataset import show_dataset
+
+    if out is None:
+        from detfit.engine.trainer import new_run_dir
+
+        out = new_run_dir("data-show")
+    for path in show_dataset(dataset, out, n=n, split=split, seed=seed):
+        typer.echo(f"wrote {path}")
 
 
 @data_app.command("convert")

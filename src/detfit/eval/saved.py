@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from detfit import distributed
 from detfit.errors import DetfitError
 from detfit.eval.loop import EvaluationResult, evaluate
+
+# Where the images scored come from, as Datasets.held_out names it, in words.
+SCORED = {
+    "split": "the run's held-out split",
+    "val": "the val split of",
+    "test": "the test split of",
+    "all": "every image of",
+}
 
 
 def evaluate_checkpoint(
@@ -17,8 +27,14 @@ def evaluate_checkpoint(
     device: str = "auto",
     progress: bool = True,
     verbose: bool = True,
+    plots: str | Path | None = None,
+    log: Callable[[str], None] = print,
 ) -> EvaluationResult:
-    """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data``.
+    """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data`` (its test or
+    val split when it names one, else every image). ``verbose`` prints pycocotools' summary
+    table per IoU type (not its index-building chatter); ``plots`` names a folder for the PR
+    curves, confusion matrix and ``val_predictions.jpg``; ``log`` gets one line saying which
+    images are scored.
 
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
@@ -35,22 +51,56 @@ def evaluate_checkpoint(
     if data:
         cfg.dataset = data
     dev = distributed.resolve_device(device)
+    main = distributed.is_main
     with distributed.process_group(dev):
         with distributed.main_first():
-            datasets = build_datasets(cfg, log=lambda line: None, held_out="test")
+            datasets = build_datasets(
+                cfg, log=lambda line: None, held_out="all" if data else "test"
+            )
         classes = ckpt["model_info"].get("classes")
         if classes and datasets.classes != classes:
             raise DetfitError(
                 f"{cfg.dataset}: classes {datasets.classes[1:]} differ from the checkpoint's "
                 f"{classes[1:]}"
             )
+        if main():
+            source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
+            log(f"scoring {len(datasets.test)} images: {SCORED[datasets.held_out]}{source}")
         loaders = build_loaders(cfg, datasets, distributed.rank(), distributed.world_size())
         model = rebuild_model(ckpt["model_info"], ckpt["model"], str(checkpoint)).to(dev)
-        return evaluate(
-            model,
-            loaders.test,
-            dev,
-            classes=datasets.classes,
-            progress=progress,
-            verbose=verbose and distributed.is_main(),
+        result = evaluate(
+            model, loaders.test, dev, classes=datasets.classes, progress=progress, verbose=False
         )
+        if main() and verbose:
+            for iou_type, coco_eval in result.coco_eval.items():
+                print(f"{iou_type}:")
+                coco_eval.summarize()
+        if main() and plots is not None:
+            from detfit.plots import evaluation_figures, write_figures
+
+            title = f"{Path(checkpoint).name} on {len(datasets.test)} images of {cfg.dataset}"
+            figures = evaluation_figures(result, datasets.classes, title, datasets.test)
+            try:
+                for path in write_figures(figures, plots):
+                    log(f"wrote {path}")
+            except DetfitError as exc:  # the numbers are still worth having
+                log(f"no pictures: {exc}")
+        return result
+
+
+def default_plots_dir(checkpoint: str | Path) -> Path:
+    """``eval-<name>`` beside the checkpoint scored (a run folder: beside its last.pt, which
+    load_checkpoint reads), e.g. ``runs/x/eval-best/``."""
+    path = Path(checkpoint)
+    return path / "eval-last" if path.is_dir() else path.parent / f"eval-{path.stem}"
+
+
+def stats_report(result: EvaluationResult) -> dict[str, dict[str, float]]:
+    """Per IoU type, the 12 COCO numbers then ``AP/<class>`` (IoU 0.50:0.95; -1 for a class
+    without ground truth): what ``detfit eval`` prints and ``--json`` writes, named as
+    ``metrics.json``'s ``bbox_AP/<class>`` columns are."""
+    report: dict[str, dict[str, Any]] = {}
+    for iou_type, stats in result.stats.items():
+        per_class = result.per_class.get(iou_type, {})
+        report[iou_type] = {**stats, **{f"AP/{name}": ap for name, ap in per_class.items()}}
+    return report
