@@ -60,6 +60,7 @@ def run_config(synthetic_root: Path, out: Path) -> TrainConfig:
         out=str(out),
         print_freq=1,
         threads=1,
+        plots=False,  # drawing costs about a second an epoch; test_plots.py turns it on
     )
 
 
@@ -95,6 +96,16 @@ def _one_thread():
 def synthetic_root(tmp_path_factory) -> Path:
     """Eight synthetic images with instance-id masks, laid out as PennFudanPed/."""
     return make_pennfudan(tmp_path_factory.mktemp("synthetic"), num_images=8)
+
+
+@pytest.fixture(scope="session")
+def plotted_run(synthetic_root, tmp_path_factory) -> Path:
+    """Two epochs of ``run_config`` with every picture: plots, validation loss, TensorBoard."""
+    from detfit.engine import fit
+
+    cfg = run_config(synthetic_root, tmp_path_factory.mktemp("plotted") / "run")
+    cfg.plots, cfg.val_loss, cfg.logger = True, True, "tensorboard"
+    return fit(cfg, progress=False, log=lambda s: None)
 
 
 @pytest.fixture(scope="session")

@@ -195,6 +195,8 @@ def test_train_writes_a_run_folder(trained_run):
     assert f"done: {run_dir}" in output
     for name in ("config.yaml", "metrics.csv", "metrics.json", "last.pt", "best.pt"):
         assert (run_dir / name).is_file(), name
+    for name in ("results.png", "pr_curve_bbox.png", "confusion_matrix.png", "val_predictions.jpg"):
+        assert (run_dir / name).is_file(), name  # plots: true by default
     cfg = TrainConfig.load(run_dir / "config.yaml")
     assert (cfg.recipe, cfg.model, cfg.epochs, cfg.workers, cfg.num_test) == (
         "cpu",
@@ -220,7 +222,7 @@ def test_eval_prints_the_stats(trained_run, tmp_path):
     output = invoke("eval", run_dir / "best.pt", "--json", json_out)
     stats = json.loads(output[output.index("{\n") :])
     assert set(stats) == {"bbox", "segm"}
-    assert all(list(s) == list(STAT_NAMES) for s in stats.values())
+    assert all(list(s) == [*STAT_NAMES, "AP/person"] for s in stats.values())
     assert json.loads(json_out.read_text()) == stats
     assert "Average Precision  (AP) @[ IoU=0.50:0.95" in output  # pycocotools' summary
     # the same model on the same test split: the numbers of the training run's evaluation
@@ -228,7 +230,7 @@ def test_eval_prints_the_stats(trained_run, tmp_path):
     assert stats["bbox"]["AR100"] > 0
     row = json.loads((run_dir / "metrics.json").read_text())[0]
     for iou_type, values in stats.items():
-        for name, value in values.items():
+        for name, value in values.items():  # AP/person is metrics.json's bbox_AP/person
             assert value == row[f"{iou_type}_{name}"], (iou_type, name)
 
 

@@ -194,7 +194,7 @@ def test_distributed_evaluation_equals_one_process(
     assert result.stdout.count('"bbox": {') == 1  # printed once, by rank 0
     single, double = json.loads(one.read_text()), json.loads(two.read_text())
     assert single == double  # every one of the 12 numbers per IoU type, exactly
-    assert set(single) == {"bbox", "segm"} and all(len(s) == 12 for s in single.values())
+    assert set(single) == {"bbox", "segm"} and all(len(s) == 12 + 1 for s in single.values())
     # not trivially equal: AP well above 0, and most numbers neither 0 nor -1 (absent sizes)
     assert single["bbox"]["AP"] > 0.3 and single["segm"]["AP"] > 0.3
     assert sum(v not in (0.0, -1.0) for s in single.values() for v in s.values()) >= 12

@@ -27,13 +27,12 @@ PANEL_SIZE = (3.2, 2.6)  # inches per panel
 def read_metrics(run: str | Path) -> list[dict[str, float]]:
     """The rows of a run's ``metrics.csv`` (a run folder or the file), numbers as floats; a
     column a row lacks (say, one added on a resume) reads as NaN."""
-    path = Path(run)
-    path = path / "metrics.csv" if path.is_dir() else path
+    path = Path(run) if Path(run).suffix == ".csv" else Path(run) / "metrics.csv"
     try:
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise DetfitError(f"{path}: not found (is {path.parent} a run folder?)") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise DetfitError(f"{path}: not found (is {run} a run folder?)") from None
     if not rows:
         raise DetfitError(f"{path}: no epochs yet")
     return [{k: _number(v) for k, v in row.items()} for row in rows]
