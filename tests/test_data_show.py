@@ -47,7 +47,7 @@ def test_labels_count_every_format_alike(formats, name, tmp_path):
     heat = fig.axes[3].get_images()[0].get_array()
     assert heat.sum() == len(stats["size"])  # every box centre is in the heat map
     sample = dataset_samples(annotations, [0])[0]
-    assert sample.target["file"] == annotations.images[0].path.name
+    assert sample.name == annotations.images[0].path.name
 
 
 @pytest.mark.parametrize("name", ["coco", "pennfudan"])

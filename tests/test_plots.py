@@ -20,10 +20,10 @@ from detfit.engine import fit
 from detfit.engine.checkpoint import load_checkpoint
 from detfit.engine.loop import NOT_LOSSES, LossMeter
 from detfit.eval.coco import STAT_NAMES, CocoEvaluator
-from detfit.eval.confusion import confusion_matrix
+from detfit.eval.confusion import best_f1_threshold, confusion_matrix
 from detfit.plots import plot_confusion, plot_gallery, plot_pr, plot_results, plot_runs, pr_curves
 from detfit.plots.confusion import display_order, normalised
-from detfit.plots.curves import PANEL_SIZE, read_metrics
+from detfit.plots.curves import PANEL_SIZE, TITLE_SPACE, read_metrics
 from detfit.plots.figure import DPI, figure_array
 from detfit.plots.gallery import CELL, samples_from_evaluation
 from test_eval_coco import imperfect_outputs, make_targets
@@ -66,7 +66,7 @@ def test_run_folder_pictures(plotted_run):
     height, width = pixels(plotted_run / "results.png").shape[:2]
     assert (width, height) == (
         round(5 * PANEL_SIZE[0] * DPI),
-        round((rows * PANEL_SIZE[1] + 0.5) * DPI),
+        round((rows * PANEL_SIZE[1] + TITLE_SPACE) * DPI),
     )
     # 3 test images: 2 pairs (ground truth | predicted) on the first row, 1 on the second
     height, width = pixels(plotted_run / "val_predictions.jpg").shape[:2]
@@ -216,6 +216,26 @@ def test_confusion_matrix_counts_a_hand_made_case():
     assert texts == ["1", "0", "1", "1", "0", "1", "2", "1"]  # row by row, bg/bg left out
 
 
+def test_best_f1_threshold():
+    gt = {
+        "images": [{"id": 1}],
+        "annotations": [
+            {"id": k, "image_id": 1, "category_id": 1, "bbox": box(20 * k, 0, 20 * k + 10, 10)}
+            for k in range(3)
+        ],
+    }
+
+    def det(k, score, label=1):  # on object k (k >= 3: on nothing)
+        return {"image_id": 1, "category_id": label, "bbox": box(20 * k, 0, 20 * k + 10, 10),
+                "score": score}  # fmt: skip
+
+    # found, found, false, found, false, false: F1 .5 .8 .67 .86 .75 .67 -> best from 0.6 on
+    dets = [det(0, 0.9), det(1, 0.8), det(5, 0.7), det(2, 0.6), det(6, 0.3), det(0, 0.2)]
+    assert best_f1_threshold(gt, dets) == 0.6
+    assert best_f1_threshold(gt, dets[:2] + [det(2, 0.95, label=2)]) == 0.8  # wrong class: false
+    assert best_f1_threshold(gt, []) == 0.5  # nothing to go by: predict's default
+
+
 def test_gallery_draws_what_was_scored(scored):
     evaluator, targets, outputs = scored
     gen = torch.Generator().manual_seed(0)
@@ -230,7 +250,11 @@ def test_gallery_draws_what_was_scored(scored):
     fig = plot_gallery(samples, CLASSES, "three images")
     shown = [ax for ax in fig.axes if ax.get_images()]
     assert len(shown) == 6  # ground truth and predictions of each image
-    assert [ax.get_title().split(":")[0] for ax in shown[::2]] == ["image 3", "image 5", "image 9"]
+    assert [ax.get_title().split(":")[0] for ax in shown[::2]] == [
+        "image 3",
+        "image 5",
+        "image 9",
+    ]  # no files
     image = figure_array(fig)
     assert image.shape == (round((2 * CELL[1] + 0.5) * DPI), round(4 * CELL[0] * DPI), 3)
     assert_not_blank(image)

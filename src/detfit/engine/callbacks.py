@@ -178,7 +178,8 @@ class Plots(Callback):
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         from detfit.plots import evaluation_figures, plot_results, save_figure, write_figures
 
-        title = f"{trainer.run_dir.name} ({trainer.cfg.model})"
+        name, model = trainer.run_dir.name, trainer.cfg.model
+        title = name if model in name else f"{name} ({model})"
         figure = plot_results(trainer.history, title, best_key=trainer.metric_key)
         save_figure(figure, trainer.run_dir / "results.png")
         if is_new_best(trainer.history, trainer.metric_key):

@@ -2,7 +2,8 @@
 
 Per step: each loss and the lr (``train/...``). Per epoch: the 12 COCO numbers per IoU type
 (``bbox/AP``, ...), per-class AP (``bbox_AP_per_class/<class>``), validation losses when computed
-(``val/...``) and a few test images, ground truth beside predictions (``predictions/...``). Every
+(``val/...``) and a few test images, ground truth beside the predictions scoring at least the
+best-F1 score (``predictions/...``). Every
 point is at the global step, so the epoch values line up with the step curves. Rank 0 writes.
 """
 
@@ -57,6 +58,7 @@ class TensorBoardLogger(Callback):
 
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
         from detfit.plots.gallery import samples_from_evaluation, side_by_side, spread_indices
+        from detfit.plots.report import shown_threshold
 
         step, result = trainer.global_step, trainer.last_evaluation
         for iou_type, stats in result.stats.items():
@@ -70,8 +72,9 @@ class TensorBoardLogger(Callback):
         self.writer.add_scalar("epoch", row["epoch"], step)
         test = trainer.data.test
         indices = spread_indices(len(test), IMAGES_PER_EPOCH)
+        threshold = shown_threshold(result.evaluator)
         for sample in samples_from_evaluation(result.evaluator, test, indices):
-            image = side_by_side(sample, trainer.data.classes)
+            image = side_by_side(sample, trainer.data.classes, threshold)
             self.writer.add_image(f"predictions/image_{sample.image_id}", image, step)
         self.writer.flush()
 

@@ -85,6 +85,55 @@ def confusion_matrix(
     return matrix
 
 
+def best_f1_threshold(
+    ground_truth: dict[str, Any],
+    detections: Sequence[dict[str, Any]],
+    *,
+    iou_threshold: float = IOU_THRESHOLD,
+    default: float = DEFAULT_SCORE_THRESHOLD,
+) -> float:
+    """The score from which the detections reach their best F1 at IoU ``iou_threshold``: the
+    threshold at which to look at a model's errors (a fixed 0.5 shows nothing of a young model
+    whose scores stay below it, and hides little of a confident one). Each detection, highest
+    score first, takes the unmatched object of its class it overlaps most, as COCO matches;
+    one left over on a crowd region is ignored. ``default`` when there is nothing to match."""
+    objects: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    crowd: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for ann in ground_truth["annotations"]:
+        if ann.get("iscrowd"):
+            crowd[ann["image_id"]].append(ann)
+        else:
+            objects[ann["image_id"], ann["category_id"]].append(ann)
+    found: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for det in detections:
+        found[det["image_id"], det["category_id"]].append(det)
+    scores, hits = [], []
+    for key, dets in found.items():
+        dets = sorted(dets, key=lambda d: -d["score"])
+        iou = box_iou(_xyxy(dets), _xyxy(objects[key])).numpy()
+        free = np.ones(iou.shape[1], bool)
+        regions = _xyxy(crowd[key[0]])
+        for d, det in enumerate(dets):
+            candidates = np.where(free & (iou[d] >= iou_threshold), iou[d], -1.0)
+            if candidates.size and candidates.max() >= 0:
+                free[int(candidates.argmax())] = False
+                scores.append(det["score"])
+                hits.append(True)
+            elif not len(regions) or _covered(_xyxy([det]), regions)[0] < iou_threshold:
+                scores.append(det["score"])
+                hits.append(False)
+    total = sum(map(len, objects.values()))
+    if not scores or not total:
+        return default
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    ranked = np.asarray(scores)[order]
+    true = np.cumsum(np.asarray(hits)[order])
+    f1 = 2 * true / (np.arange(1, len(ranked) + 1) + total)  # 2PR / (P + R)
+    last = np.r_[ranked[1:] != ranked[:-1], True]  # a threshold keeps every tie
+    best = int(np.argmax(np.where(last, f1, -1.0)))
+    return float(ranked[best])
+
+
 def _covered(boxes: torch.Tensor, regions: torch.Tensor) -> np.ndarray:
     """For each box, the largest share of its area inside one of ``regions``."""
     lt = torch.max(boxes[:, None, :2], regions[None, :, :2])

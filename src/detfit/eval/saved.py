@@ -63,9 +63,10 @@ def evaluate_checkpoint(
                 f"{cfg.dataset}: classes {datasets.classes[1:]} differ from the checkpoint's "
                 f"{classes[1:]}"
             )
+        source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
+        scored = f"{SCORED[datasets.held_out]}{source}"
         if main():
-            source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
-            log(f"scoring {len(datasets.test)} images: {SCORED[datasets.held_out]}{source}")
+            log(f"scoring {len(datasets.test)} images: {scored}")
         loaders = build_loaders(cfg, datasets, distributed.rank(), distributed.world_size())
         model = rebuild_model(ckpt["model_info"], ckpt["model"], str(checkpoint)).to(dev)
         result = evaluate(
@@ -78,7 +79,7 @@ def evaluate_checkpoint(
         if main() and plots is not None:
             from detfit.plots import evaluation_figures, write_figures
 
-            title = f"{Path(checkpoint).name} on {len(datasets.test)} images of {cfg.dataset}"
+            title = f"{checkpoint}, {scored}"
             figures = evaluation_figures(result, datasets.classes, title, datasets.test)
             try:
                 for path in write_figures(figures, plots):

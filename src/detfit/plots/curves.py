@@ -22,6 +22,7 @@ Row = Mapping[str, Any]
 IOU_TYPES = ("bbox", "segm", "keypoints")
 AP_NAMES = ("AP", "AP50", "AP75")
 PANEL_SIZE = (3.2, 2.6)  # inches per panel
+TITLE_SPACE = 0.75  # inches above the panels for the figure's title
 
 
 def read_metrics(run: str | Path) -> list[dict[str, float]]:
@@ -72,10 +73,10 @@ def _finite(value: Any) -> bool:
 
 @contextmanager
 def panel_grid(
-    count: int, max_cols: int = 5, top: float = 0.5
+    count: int, epochs: float, max_cols: int = 5, top: float = TITLE_SPACE
 ) -> Iterator[tuple[Figure, list[Axes]]]:
-    """A figure of ``count`` per-epoch panels, ``max_cols`` to a row, ``top`` inches above them
-    for the title. Margins are fixed rather than solved for (matplotlib's constrained layout
+    """A figure of ``count`` panels over epochs 1..``epochs``, ``max_cols`` to a row, ``top``
+    inches above them for the title. Margins are fixed rather than solved for (matplotlib's constrained layout
     takes seconds on a busy CPU, and results.png is drawn after every epoch)."""
     cols = min(count, max_cols)
     rows = math.ceil(count / cols)
@@ -94,6 +95,7 @@ def panel_grid(
             ax.set_visible(False)
         for ax in axes[:count]:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlim(0.5, max(epochs, 1) + 0.5)  # one epoch is a point in the middle
             ax.set_xlabel("epoch")
         yield fig, axes[:count]
 
@@ -104,7 +106,7 @@ def plot_results(rows: Sequence[Row], title: str = "", best_key: str | None = No
     ``best_key`` (e.g. ``segm_AP``)."""
     losses, iou_types = loss_names(rows), iou_types_in(rows)
     panels = len(losses) + 1 + len(iou_types)
-    with panel_grid(panels) as (fig, axes):
+    with panel_grid(panels, _last_epoch(rows)) as (fig, axes):
         for ax, name in zip(axes, losses):
             for split in ("train", "val"):
                 x, y = series(rows, f"{split}_{name}")
@@ -131,6 +133,10 @@ def plot_results(rows: Sequence[Row], title: str = "", best_key: str | None = No
     return fig
 
 
+def _last_epoch(rows: Sequence[Row]) -> float:
+    return max((float(row["epoch"]) for row in rows), default=1.0)
+
+
 def _best_epoch(rows: Sequence[Row], key: str | None) -> float | None:
     """The first epoch with the highest ``key`` (as best.pt is chosen), None without one."""
     x, y = series(rows, key) if key else ([], [])
@@ -151,7 +157,7 @@ def plot_runs(runs: Mapping[str, Sequence[Row]], title: str = "") -> Figure:
     if any("val_loss" in row for row in everything):
         keys.append("val_loss")
     keys += [f"{t}_{name}" for t in iou_types_in(everything) for name in ("AP", "AP50")]
-    with panel_grid(len(keys), max_cols=3, top=0.9) as (fig, axes):
+    with panel_grid(len(keys), _last_epoch(everything), max_cols=3, top=1.0) as (fig, axes):
         for ax, key in zip(axes, keys):
             for name, rows in runs.items():
                 ax.plot(*series(rows, key), marker="o", markersize=3, label=name)
@@ -162,7 +168,7 @@ def plot_runs(runs: Mapping[str, Sequence[Row]], title: str = "") -> Figure:
         fig.legend(
             *axes[0].get_legend_handles_labels(),
             loc="upper center",
-            bbox_to_anchor=(0.5, 1 - 0.3 / fig.get_figheight()),
+            bbox_to_anchor=(0.5, 1 - 0.35 / fig.get_figheight()),
             frameon=False,
             ncols=min(len(runs), 4),
         )

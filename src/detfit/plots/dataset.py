@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from detfit.plots.figure import new_figure, save_figure
-from detfit.plots.gallery import Sample, as_uint8, plot_samples
+from detfit.plots.gallery import Sample, as_uint8, file_name, plot_samples
 from detfit.predict.overlay import class_colour
 
 # COCO's small / medium / large boundaries (sqrt of the area, pixels): where APs/APm/APl split.
@@ -110,15 +110,14 @@ def _log_axis(ax: Axes, ticks: Sequence[float], low: float, high: float) -> None
 
 def dataset_samples(annotations: Any, indices: Sequence[int]) -> list[Sample]:
     """The images at ``indices`` of an :class:`~detfit.data.records.AnnotatedSet` with their
-    targets as evaluation reads them (crowd regions kept); ``target["file"]`` names the image."""
+    targets as evaluation reads them (crowd regions kept)."""
     from detfit.data.detection import DetectionDataset
 
     dataset = DetectionDataset(annotations)
     samples = []
     for i in indices:
         image, target = dataset[i]
-        target["file"] = annotations.images[i].path.name
-        samples.append(Sample(as_uint8(image), target))
+        samples.append(Sample(as_uint8(image), target, file=file_name(dataset, i)))
     return samples
 
 

@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,15 +31,35 @@ GAP = 8  # pixels between ground truth and prediction in a side-by-side image
 
 @dataclass
 class Sample:
-    """One image (uint8 [3,H,W]), its target and the model's output on it (or None)."""
+    """One image (uint8 [3,H,W]), its target, the model's output on it (or None) and its file
+    name (or None)."""
 
     image: torch.Tensor
     target: dict[str, Any]
     output: dict[str, torch.Tensor] | None = None
+    file: str | None = None
 
     @property
     def image_id(self) -> int:
         return int(torch.as_tensor(self.target["image_id"]).reshape(-1)[0])
+
+    @property
+    def name(self) -> str:
+        """How titles call the image: its file name, else its id."""
+        return self.file or f"image {self.image_id}"
+
+
+def file_name(dataset: Any, idx: int) -> str | None:
+    """The file behind ``dataset[idx]`` (looking through Subsets) for detfit's datasets."""
+    from torch.utils.data import Subset
+
+    while isinstance(dataset, Subset):
+        dataset, idx = dataset.dataset, dataset.indices[idx]
+    if hasattr(dataset, "records"):  # DetectionDataset
+        return dataset.records[idx].path.name
+    if hasattr(dataset, "imgs"):  # PennFudanDataset
+        return Path(dataset.imgs[idx]).name
+    return None
 
 
 def as_uint8(image: torch.Tensor) -> torch.Tensor:
@@ -128,14 +149,17 @@ def shrunk(sample: Sample, max_width: int, max_height: int) -> Sample:
     )[0]
     output = _scaled(sample.output, scale, size) if sample.output is not None else None
     image = image.round().clamp(0, 255).to(torch.uint8)
-    return Sample(image, _scaled(sample.target, scale, size), output)
+    return Sample(image, _scaled(sample.target, scale, size), output, sample.file)
 
 
-def side_by_side(sample: Sample, classes: Sequence[str]) -> torch.Tensor:
-    """Ground truth | predictions as one uint8 image (TensorBoard's per-epoch pictures)."""
+def side_by_side(
+    sample: Sample, classes: Sequence[str], score_threshold: float = DEFAULT_SCORE_THRESHOLD
+) -> torch.Tensor:
+    """Ground truth | predictions scoring at least ``score_threshold``, as one uint8 image
+    (TensorBoard's per-epoch pictures)."""
     sample = shrunk(sample, *TENSORBOARD_PIXELS)
     truth = draw_target(sample.image, sample.target, classes)
-    predicted = draw_output(sample.image, sample.output, classes)
+    predicted = draw_output(sample.image, sample.output, classes, score_threshold)
     gap = torch.full((3, truth.shape[1], GAP), 255, dtype=torch.uint8)
     return torch.cat([truth, gap, predicted], dim=2)
 
@@ -164,10 +188,15 @@ def _count(output: dict[str, torch.Tensor], threshold: float) -> int:
     return int((_plain(output["scores"]) >= threshold).sum())
 
 
-def plot_gallery(samples: Sequence[Sample], classes: Sequence[str], title: str = "") -> Figure:
-    """A grid of images, each as ground truth beside predictions (scores >= the threshold
-    ``detfit predict`` uses), ``PAIRS_PER_ROW`` pairs to a row."""
-    threshold = DEFAULT_SCORE_THRESHOLD
+def plot_gallery(
+    samples: Sequence[Sample],
+    classes: Sequence[str],
+    title: str = "",
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+) -> Figure:
+    """A grid of images, each as ground truth beside the predictions scoring at least
+    ``score_threshold``, ``PAIRS_PER_ROW`` pairs to a row."""
+    threshold = score_threshold
     cols = 2 * min(PAIRS_PER_ROW, max(len(samples), 1))
     rows = max(1, math.ceil(len(samples) / PAIRS_PER_ROW))
     with image_grid(rows, cols) as (fig, axes):
@@ -175,12 +204,10 @@ def plot_gallery(samples: Sequence[Sample], classes: Sequence[str], title: str =
             sample = shrunk(sample, *CELL_PIXELS)
             truth, predicted = axes[2 * k], axes[2 * k + 1]
             truth.imshow(as_hwc(draw_target(sample.image, sample.target, classes)))
-            truth.set_title(
-                f"image {sample.image_id}: ground truth ({len(sample.target['labels'])})"
-            )
+            truth.set_title(f"{sample.name}: ground truth ({len(sample.target['labels'])})")
             predicted.imshow(as_hwc(draw_output(sample.image, sample.output, classes, threshold)))
             predicted.set_title(
-                f"predicted ({_count(sample.output, threshold)} scoring >= {threshold:g})"
+                f"predicted ({_count(sample.output, threshold)} scoring >= {threshold:.2f})"
             )
         if title:
             fig.suptitle(title)
@@ -188,16 +215,14 @@ def plot_gallery(samples: Sequence[Sample], classes: Sequence[str], title: str =
 
 
 def plot_samples(samples: Sequence[Sample], classes: Sequence[str], title: str = "") -> Figure:
-    """A contact sheet of images with their ground truth (``detfit data show``); each title is
-    the image's file name when the sample's target carries one (``"file"``)."""
+    """A contact sheet of images with their ground truth (``detfit data show``)."""
     cols = min(4, max(len(samples), 1))
     rows = max(1, math.ceil(len(samples) / cols))
     with image_grid(rows, cols) as (fig, axes):
         for ax, sample in zip(axes, samples):
             sample = shrunk(sample, *CELL_PIXELS)
             ax.imshow(as_hwc(draw_target(sample.image, sample.target, classes)))
-            name = sample.target.get("file", f"image {sample.image_id}")
-            ax.set_title(f"{name} ({len(sample.target['labels'])})", fontsize=9)
+            ax.set_title(f"{sample.name} ({len(sample.target['labels'])})", fontsize=9)
         if title:
             fig.suptitle(title)
     return fig
@@ -247,7 +272,7 @@ def samples_from_evaluation(evaluator: Any, dataset: Any, indices: Sequence[int]
     samples = []
     for i in indices:
         image, target = dataset[i]
-        sample = Sample(as_uint8(image), target)
+        sample = Sample(as_uint8(image), target, file=file_name(dataset, i))
         found = by_image.get(sample.image_id, {})
         found = {t: found.get(t, []) for t in evaluator.results}
         sample.output = outputs_from_results(found, *sample.image.shape[-2:])
