@@ -5,6 +5,7 @@ AP, validation losses; predictions as images); without the package, one line nam
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -78,6 +79,26 @@ def test_prediction_images_every_epoch(events, plotted_run):
             assert im.width <= 2 * TENSORBOARD_PIXELS[0] + GAP
             assert im.height <= TENSORBOARD_PIXELS[1]
             assert (im.width - GAP) % 2 == 0  # two halves of one width
+
+
+def test_a_resumed_run_continues_the_curves(plotted_run, tmp_path):
+    """Points logged after the checkpoint (here: a fake step past it, as a run killed between
+    checkpoints leaves) are dropped; the run's own points, up to its checkpoint, are kept."""
+    run = tmp_path / "run"
+    shutil.copytree(plotted_run, run, ignore=shutil.ignore_patterns("eval-*"))
+    end = int(max(scalars(EventAccumulator(str(run / "tensorboard")).Reload(), "epoch")))
+    writer = summary_writer_class()(str(run / "tensorboard"))
+    writer.add_scalar("train/loss", 123.0, end + 1)  # logged, then killed before a checkpoint
+    writer.close()
+    Trainer(resume=run, overrides={"epochs": 3}, progress=False, log=lambda s: None).fit()
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    steps = [step for step, _ in losses]
+    assert steps == sorted(set(steps)) and steps[0] == 1  # every step once, in order
+    assert 123.0 not in [value for _, value in losses]
+    ends = scalars(events, "epoch")
+    assert list(ends.values()) == [1, 2, 3] and list(ends)[1] == end
 
 
 def test_rank_zero_alone_writes():

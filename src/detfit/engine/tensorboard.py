@@ -44,7 +44,8 @@ class TensorBoardLogger(Callback):
         self.writer: Any = None
 
     def on_train_start(self, trainer: Trainer) -> None:
-        purge = trainer.global_step if trainer.checkpoint is not None else None
+        # the checkpoint was saved before this callback logged its step: keep that step's points
+        purge = trainer.global_step + 1 if trainer.checkpoint is not None else None
         self.writer = self.writer_class(str(trainer.run_dir / LOG_DIR), purge_step=purge)
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
