@@ -110,7 +110,8 @@ def landscape_root(tmp_path_factory) -> Path:
 
 def test_torchrun_trains_with_ddp_and_only_rank0_writes(synthetic_root, tmp_path):
     out = tmp_path / "run"
-    result = run(torchrun("--standalone", *train_args(synthetic_root, out, "--epochs", "2")))
+    more = ["--epochs", "2", "--logger", "tensorboard", "--set", "val_loss=true"]
+    result = run(torchrun("--standalone", *train_args(synthetic_root, out, *more)))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert sum(line.startswith("done: ") for line in lines) == 1  # rank 0 alone prints
@@ -130,10 +131,18 @@ def test_torchrun_trains_with_ddp_and_only_rank0_writes(synthetic_root, tmp_path
     assert sorted(p.name for p in out.iterdir()) == [
         "best.pt",
         "config.yaml",
+        "confusion_matrix.png",
         "last.pt",
         "metrics.csv",
         "metrics.json",
+        "pr_curve_bbox.png",
+        "results.png",
+        "tensorboard",
+        "val_predictions.jpg",
     ]
+    assert len(list((out / "tensorboard").iterdir())) == 1  # one events file: rank 0's
+    # the validation loss of all 3 test images, gathered from both ranks' shares
+    assert all(r["val_loss"] > 0 and "val_loss_classifier" in r for r in history)
 
 
 @pytest.fixture(scope="module")
