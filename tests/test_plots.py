@@ -25,7 +25,7 @@ from detfit.plots import plot_confusion, plot_gallery, plot_pr, plot_results, pl
 from detfit.plots.confusion import display_order, normalised
 from detfit.plots.curves import PANEL_SIZE, TITLE_SPACE, read_metrics
 from detfit.plots.figure import DPI, figure_array
-from detfit.plots.gallery import CELL, samples_from_evaluation
+from detfit.plots.gallery import CELL, draw_output, outputs_from_results, samples_from_evaluation
 from test_eval_coco import imperfect_outputs, make_targets
 
 CLASSES = ["__background__", "cat", "dog"]
@@ -234,6 +234,14 @@ def test_best_f1_threshold():
     assert best_f1_threshold(gt, dets) == 0.6
     assert best_f1_threshold(gt, dets[:2] + [det(2, 0.95, label=2)]) == 0.8  # wrong class: false
     assert best_f1_threshold(gt, []) == 0.5  # nothing to go by: predict's default
+
+
+def test_an_image_without_detections_is_drawn():
+    output = outputs_from_results({"bbox": [], "segm": [], "keypoints": []}, 20, 30)
+    assert output["boxes"].shape == (0, 4) and output["masks"].shape == (0, 1, 20, 30)
+    assert output["keypoints"].shape == (0, 0, 3)
+    image = torch.zeros(3, 20, 30, dtype=torch.uint8)
+    assert torch.equal(draw_output(image, output, CLASSES), image)
 
 
 def test_gallery_draws_what_was_scored(scored):

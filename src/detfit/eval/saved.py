@@ -63,12 +63,12 @@ def evaluate_checkpoint(
                 f"{cfg.dataset}: classes {datasets.classes[1:]} differ from the checkpoint's "
                 f"{classes[1:]}"
             )
-        source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
-        scored = f"{SCORED[datasets.held_out]}{source}"
-        if main():
-            log(f"scoring {len(datasets.test)} images: {scored}")
         loaders = build_loaders(cfg, datasets, distributed.rank(), distributed.world_size())
         model = rebuild_model(ckpt["model_info"], ckpt["model"], str(checkpoint)).to(dev)
+        source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
+        scored = f"{SCORED[datasets.held_out]}{source}"
+        if main():  # only now: a checkpoint that does not load is one line, this one is not
+            log(f"scoring {len(datasets.test)} images: {scored}")
         result = evaluate(
             model, loaders.test, dev, classes=datasets.classes, progress=progress, verbose=False
         )

@@ -256,8 +256,10 @@ def outputs_from_results(
         masks = mask_util.decode(rles) if rles else np.zeros((height, width, 0), np.uint8)
         output["masks"] = torch.from_numpy(masks.transpose(2, 0, 1).copy())[:, None].float()
     if "keypoints" in results:
-        points = [d["keypoints"] for d in results["keypoints"]]
-        output["keypoints"] = torch.tensor(points, dtype=torch.float32).reshape(len(points), -1, 3)
+        points = torch.tensor([d["keypoints"] for d in results["keypoints"]], dtype=torch.float32)
+        output["keypoints"] = (
+            points.reshape(len(points), -1, 3) if len(points) else points.new_zeros(0, 0, 3)
+        )
     return output
 
 
