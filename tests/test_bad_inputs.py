@@ -29,7 +29,7 @@ MODEL = "maskrcnn_mobilenet_v2_fpn"
 TINY_RUN = [
     *("--model", MODEL, "--weights", "none", "--weights-backbone", "none", "--workers", "0"),
     *("--set", f"model_options={json.dumps(SMALL)}", "--set", "num_test=2"),
-    *("--set", "max_iters_per_epoch=1"),
+    *("--set", "max_iters_per_epoch=1", "--set", "plots=false"),
 ]
 
 

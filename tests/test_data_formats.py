@@ -539,6 +539,9 @@ def test_multiclass_training_in_every_format(formats, name, tmp_path, monkeypatc
         per_class = {k: v for k, v in row.items() if k.startswith(f"{iou_type}_AP/")}
         assert sorted(k.split("/")[1] for k in per_class) == sorted(SYNTHETIC_CLASSES)
         assert all(v == -1.0 or 0.0 <= v <= 1.0 for v in per_class.values())
+        assert (run / f"pr_curve_{iou_type}.png").is_file()  # plots: true by default
+    for picture in ("results.png", "confusion_matrix.png", "val_predictions.jpg"):
+        assert (run / picture).is_file()
     images = sorted(Path(str(formats[name]).split(":", 1)[1]).parent.rglob("img00*.png"))[:2]
     drawn: list[str] = []
     real_label = overlay_module.label_text
@@ -676,6 +679,7 @@ def test_a_box_model_drops_the_recipes_mask_head_options(formats, tmp_path):
         max_iters_per_epoch=1,
         workers=0,
         out=str(tmp_path / "run"),
+        plots=False,
     )
     run = fit(cfg, progress=False, log=logs.append)
     assert (

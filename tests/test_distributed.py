@@ -79,6 +79,7 @@ def train_args(root: Path, out: Path, *more: str) -> list[str]:
     args += ["--weights", "none", "--weights-backbone", "none", "--data-root", str(root)]
     args += ["--workers", "0", "--quiet", "--out", str(out), "--set", "num_test=3"]
     args += ["--set", "threads=1", "--set", f"model_options={json.dumps(THIN)}"]
+    args += ["--set", "plots=false"]  # the first test turns them on
     return args + list(more)
 
 
@@ -110,7 +111,16 @@ def landscape_root(tmp_path_factory) -> Path:
 
 def test_torchrun_trains_with_ddp_and_only_rank0_writes(synthetic_root, tmp_path):
     out = tmp_path / "run"
-    more = ["--epochs", "2", "--logger", "tensorboard", "--set", "val_loss=true"]
+    more = [
+        "--epochs",
+        "2",
+        "--logger",
+        "tensorboard",
+        "--set",
+        "val_loss=true",
+        "--set",
+        "plots=true",
+    ]
     result = run(torchrun("--standalone", *train_args(synthetic_root, out, *more)))
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()

@@ -46,6 +46,7 @@ def demo(tmp_path_factory):
         workers=0,
         out=str(root / "run"),
         threads=1,
+        plots=False,
     )
     run = fit(cfg, progress=False, log=lambda _: None)
     images = sorted((Path(coco).parent / "images").glob("*.png"))

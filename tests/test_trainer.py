@@ -245,6 +245,7 @@ def test_run_folders_are_never_overwritten(monkeypatch, capsys, landscape_root, 
     args += ["--weights", "none", "--weights-backbone", "none", "--data-root", landscape_root]
     args += ["--epochs", "1", "--workers", "0", "--quiet", "--set", "max_iters_per_epoch=1"]
     args += ["--set", "num_test=2", "--set", "model_options.min_size=64", "--out", out]
+    args += ["--set", "plots=false"]
     code, stdout, _ = run_main(monkeypatch, capsys, *args)
     assert code is None or code == 0, stdout
     before = {p.name: p.read_bytes() for p in out.iterdir()}
