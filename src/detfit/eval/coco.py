@@ -31,6 +31,9 @@ STAT_NAMES = (
     "ARm",
     "ARl",
 )
+# pycocotools' keypoint summary has 10 numbers: no small objects (too few pixels for keypoints),
+# AR at 20 detections and at OKS 0.50 and 0.75 instead of AR1/AR10/ARs
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
 def _image_id(target: dict[str, Any]) -> int:
@@ -187,7 +190,8 @@ class CocoEvaluator:
         return {"images": images, "annotations": annotations, "categories": categories}
 
     def evaluate(self, verbose: bool = False) -> dict[str, dict[str, float]]:
-        """COCO stats per IoU type: ``{"bbox": {"AP": ..., ...12 numbers}, "segm": {...}}``."""
+        """COCO stats per IoU type: ``{"bbox": {"AP": ..., ...12 numbers}, "segm": {...}}``
+        (keypoints: the 10 of :data:`KEYPOINT_STAT_NAMES`)."""
         stats = {}
         quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with quiet:
@@ -196,7 +200,8 @@ class CocoEvaluator:
                 sigmas = oks_sigmas(self.annotations) if iou_type == "keypoints" else None
                 coco_eval = self.backend.evaluate(coco_gt, self.results[iou_type], iou_type, sigmas)
                 self.coco_eval[iou_type] = coco_eval
-                stats[iou_type] = dict(zip(STAT_NAMES, map(float, coco_eval.stats)))
+                names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+                stats[iou_type] = dict(zip(names, map(float, coco_eval.stats), strict=True))
                 self.per_class[iou_type] = self._per_class_ap(coco_eval)
         return stats
 
