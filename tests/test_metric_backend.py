@@ -13,6 +13,8 @@ Measured on these fixtures: stats and per-class AP differ by at most 2.2e-16 (AR
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -20,11 +22,12 @@ import torch
 from pycocotools.coco import COCO
 
 import test_eval_ground_truth as gt_test
-from conftest import SMALL, run_config, run_main
+from conftest import REPO, SMALL, run_config, run_main
 from detfit.config import SettingsError, TrainConfig, settings_table
 from detfit.data.images import load_rgb
 from detfit.data.synthetic import write_all_formats
 from detfit.engine import Trainer
+from detfit.engine.builders import build_datasets
 from detfit.engine.checkpoint import save_checkpoint
 from detfit.engine.trainer import RESUMABLE
 from detfit.eval import coco as coco_module
@@ -380,3 +383,47 @@ def coco_checkpoint(tmp_path, monkeypatch):
         "detfit.models.rebuild_model", lambda *a, **k: gt_test.Oracle(by_key, label_of)
     )
     return path
+
+
+@pytest.mark.slow
+def test_real_pennfudan_ground_truth_matches_pycocotools(real_root):
+    """The 50 real test images of the CPU recipe's split, with detections made from their masks
+    (shifted by 0-6 px, so IoUs spread around the thresholds) and a false positive per image."""
+    data = build_datasets(TrainConfig(data_root=str(real_root)), log=lambda s: None)
+    targets, outputs = [], []
+    for k in range(len(data.test)):
+        _, target = data.test[k]
+        shift = k % 7
+        masks = torch.roll(target["masks"], shift, dims=2)
+        masks[:, :, :shift] = 0
+        fp = torch.zeros_like(masks[:1])
+        fp[:, 10:60, 10:40] = 1
+        n = len(target["labels"])
+        targets.append(target)
+        outputs.append(
+            {
+                "boxes": torch.cat(
+                    [target["boxes"] + torch.tensor([shift, 0, shift, 0]),
+                     torch.tensor([[10.0, 10.0, 40.0, 60.0]])]
+                ),
+                "labels": torch.ones(n + 1, dtype=torch.int64),
+                "scores": torch.linspace(0.9, 0.5, n + 1),
+                "masks": torch.cat([masks, fp])[:, None].float(),
+            }
+        )  # fmt: skip
+    assert len(targets) == 50
+    assert_same_numbers(targets, outputs)
+
+
+def test_speed_benchmark_runs_and_compares(monkeypatch, capsys):
+    """benchmarks/coco_metric_speed.py on 20 images (in this process: no second torch import):
+    it times both backends and finds the same stats."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import coco_metric_speed
+
+    monkeypatch.setattr(sys, "argv", ["coco_metric_speed.py", "--images", "20", "--repeats", "1"])
+    coco_metric_speed.main()
+    out = capsys.readouterr().out
+    assert "ratio" in out
+    differences = re.findall(r"max abs difference over the 12 stats (\S+)", out)
+    assert len(differences) == 2 and all(float(d) <= STAT_TOL for d in differences)
