@@ -152,6 +152,12 @@ def eval_(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the stats here.")
     ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="COCO metric: faster-coco-eval or pycocotools (default: the run's eval_backend)."
+        ),
+    ] = None,
 ) -> None:
     """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type).
 
@@ -161,7 +167,9 @@ def eval_(
     from detfit.eval.saved import evaluate_checkpoint
     from detfit.fileio import atomic_write_text
 
-    result = evaluate_checkpoint(checkpoint, data=data, data_root=data_root, device=device)
+    result = evaluate_checkpoint(
+        checkpoint, data=data, data_root=data_root, device=device, backend=backend
+    )
     if not distributed.env_is_main():
         return
     typer.echo(json.dumps(result.stats, indent=2))

@@ -72,6 +72,7 @@ RESUMABLE = (
     "checkpoint_every_iters",
     "data_root",
     "eval_batch_size",
+    "eval_backend",
 )
 
 
@@ -521,6 +522,7 @@ class Trainer:
                 classes=self.data.classes,
                 progress=self.progress,
                 verbose=False,
+                backend=cfg.eval_backend,
             )
             self.last_evaluation = result
             self._fire("on_evaluation", result)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from detfit import distributed
 from detfit.errors import DetfitError
+from detfit.eval.backends import check_backend
 from detfit.eval.loop import EvaluationResult, evaluate
 
 
@@ -17,8 +18,10 @@ def evaluate_checkpoint(
     device: str = "auto",
     progress: bool = True,
     verbose: bool = True,
+    backend: str | None = None,
 ) -> EvaluationResult:
-    """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data``.
+    """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data``, with the COCO
+    metric ``backend`` (None: the run's ``eval_backend``).
 
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
@@ -28,12 +31,16 @@ def evaluate_checkpoint(
     from detfit.engine.checkpoint import load_checkpoint
     from detfit.models import rebuild_model
 
+    if backend is not None:
+        check_backend(backend, "--backend")  # before the (slow) checkpoint is read
     ckpt = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ckpt["config"], str(checkpoint))
     if data_root:
         cfg.data_root = str(data_root)
     if data:
         cfg.dataset = data
+    if backend is not None:
+        cfg.eval_backend = backend
     dev = distributed.resolve_device(device)
     with distributed.process_group(dev):
         with distributed.main_first():
@@ -53,4 +60,5 @@ def evaluate_checkpoint(
             classes=datasets.classes,
             progress=progress,
             verbose=verbose and distributed.is_main(),
+            backend=cfg.eval_backend,
         )
