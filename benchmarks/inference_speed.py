@@ -72,6 +72,42 @@ def time_runtime(backend, images: list, repeat: int) -> float:
     return statistics.median(passes)
 
 
+def torch_profile(backend, images: list, top: int) -> list[tuple[str, float]]:
+    """(operator, seconds per image) of one pass under torch.profiler, by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backend(images[:1])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for image in images:
+            backend([image])
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return [(e.key, e.self_cpu_time_total / 1e6 / len(images)) for e in ops[:top]]
+
+
+def onnx_profile(path: Path, images: list, threads: int, top: int) -> list[tuple[str, float]]:
+    """(ONNX operator type, seconds per image) of one pass under ONNX Runtime's own profiler."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    session.run(None, {name: images[0].numpy()})
+    for image in images:
+        session.run(None, {name: image.numpy()})
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    totals: dict[str, float] = {}
+    runs = [e for e in trace if e.get("name") == "model_run"]
+    first_timed = runs[1]["ts"] if len(runs) > 1 else 0  # skip the warm-up run
+    for event in trace:
+        if event.get("cat") == "Node" and event["ts"] >= first_timed:
+            op = event.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e6 / len(images)
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
@@ -82,6 +118,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="append", default=[], help="MODEL=CKPT")
     parser.add_argument("--set", action="append", default=[], help="model option KEY=VALUE")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print each runtime's top N operators"
+    )
     args = parser.parse_args()
 
     import torch
@@ -134,6 +173,12 @@ def main() -> None:
                     ]
                     row[f"{runtime}_parity"] = f"{sum(c.ok for c in checks)}/{len(checks)}"
             row["detections_per_image"] = sum(len(o["boxes"]) for o in eager_out) / len(images)
+            if args.profile:
+                row["profile"] = {
+                    "eager": torch_profile(backends["eager"], images, args.profile),
+                    "torchscript": torch_profile(backends["torchscript"], images, args.profile),
+                    "onnx": onnx_profile(files["onnx"], images, args.threads, args.profile),
+                }
             rows.append(row)
     print(f"\n{'model':40s} {'runtime':12s} {'s/image':>8s} {'vs eager':>8s} {'parity':>7s}")
     for row in rows:
@@ -146,6 +191,14 @@ def main() -> None:
             f"{'':40s} ({row['weights']} weights, {row['detections_per_image']:.1f} "
             f"detections/image)"
         )
+    for row in rows:
+        for runtime, ops in row.get("profile", {}).items():
+            total = row[f"{runtime}_s_per_image"]
+            print(
+                f"\n{row['model']} {runtime}: top operators, ms per image (share of {total:.3f} s)"
+            )
+            for op, sec in ops:
+                print(f"  {op:45s} {1000 * sec:8.1f}  {100 * sec / total:5.1f}%")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

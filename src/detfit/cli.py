@@ -164,6 +164,12 @@ def eval_(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the stats here.")
     ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="COCO metric: faster-coco-eval or pycocotools (default: the run's eval_backend)."
+        ),
+    ] = None,
     plots: Annotated[
         Path | None,
         typer.Option(
@@ -187,6 +193,7 @@ def eval_(
         data=data,
         data_root=data_root,
         device=device,
+        backend=backend,
         plots=None if no_plots else plots or default_plots_dir(checkpoint),
         log=lambda line: typer.echo(line, err=True),
     )

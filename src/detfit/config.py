@@ -13,7 +13,7 @@ import difflib
 import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -191,6 +191,15 @@ def did_you_mean(name: str, choices: Sequence[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def one_of(name: str, choices: Sequence[str]) -> str:
+    """``must be one of a, b (did you mean 'a'?)``: the message for a name not among choices."""
+    return f"must be one of {', '.join(choices)}{did_you_mean(name, choices)}"
+
+
+# The COCO metric's implementations (detfit.eval.backends), the same numbers from each.
+EvalBackend = Literal["faster-coco-eval", "pycocotools"]
+
+
 class TrainConfig(BaseModel):
     """Every setting of a run. ``cfg.epochs`` reads and ``cfg.epochs = 5`` writes, validated."""
 
@@ -230,6 +239,10 @@ class TrainConfig(BaseModel):
     )
     batch_size: PositiveInt = Field(2, description="images per training batch")
     eval_batch_size: PositiveInt = Field(1, description="images per evaluation batch")
+    eval_backend: EvalBackend = Field(
+        "faster-coco-eval",
+        description="COCO metric: faster-coco-eval (C++) or pycocotools (the reference)",
+    )
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimizer")
     lr: PositiveFloat = Field(0.005, description="base learning rate")
     momentum: Annotated[Float, Field(ge=0, lt=1)] = Field(0.9, description="SGD momentum")
@@ -311,7 +324,14 @@ class TrainConfig(BaseModel):
     @classmethod
     def _known_recipe(cls, name: str) -> str:
         if name not in RECIPES:
-            raise ValueError(f"must be one of {', '.join(RECIPES)}{did_you_mean(name, RECIPES)}")
+            raise ValueError(one_of(name, list(RECIPES)))
+        return name
+
+    @field_validator("eval_backend", mode="before")
+    @classmethod
+    def _known_backend(cls, name: Any) -> Any:
+        if isinstance(name, str) and name not in get_args(EvalBackend):
+            raise ValueError(one_of(name, get_args(EvalBackend)))
         return name
 
     @field_validator("model_options", mode="wrap")

@@ -75,6 +75,7 @@ RESUMABLE = (
     "checkpoint_every_iters",
     "data_root",
     "eval_batch_size",
+    "eval_backend",
     "plots",
     "logger",
 )
@@ -537,6 +538,7 @@ class Trainer:
                 classes=self.data.classes,
                 progress=self.progress,
                 verbose=False,
+                backend=cfg.eval_backend,
             )
             self.last_evaluation = result
             self.extra_metrics = {}

@@ -1,5 +1,6 @@
-"""COCO evaluation with pycocotools: ground truth and predictions converted from torchvision's
-target/output dicts, gathered as the evaluation loop runs (one pass over the data)."""
+"""COCO evaluation: ground truth and predictions converted from torchvision's target/output
+dicts, gathered as the evaluation loop runs (one pass over the data), scored by the chosen COCOeval
+backend (faster-coco-eval or pycocotools, :mod:`detfit.eval.backends`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detfit import distributed
 from detfit.data.rle import encode_masks
+from detfit.eval.backends import metric_backend
 
 STAT_NAMES = (
     "AP",
@@ -30,6 +31,9 @@ STAT_NAMES = (
     "ARm",
     "ARl",
 )
+# pycocotools' keypoint summary has 10 numbers: no small objects (too few pixels for keypoints),
+# AR at 20 detections and at OKS 0.50 and 0.75 instead of AR1/AR10/ARs
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
 def _image_id(target: dict[str, Any]) -> int:
@@ -116,17 +120,21 @@ class CocoEvaluator:
     """
 
     def __init__(
-        self, iou_types: Sequence[str] = ("bbox",), classes: Sequence[str] | None = None
+        self,
+        iou_types: Sequence[str] = ("bbox",),
+        classes: Sequence[str] | None = None,
+        backend: str | None = None,
     ) -> None:
         self.iou_types = tuple(iou_types)
         self.classes = list(classes) if classes else None
+        self.backend = metric_backend(backend)  # None: eval_backend's default
         self.reset()
 
     def reset(self) -> None:
         self.images: list[dict[str, Any]] = []
         self.annotations: list[dict[str, Any]] = []
         self.results: dict[str, list[dict[str, Any]]] = {t: [] for t in self.iou_types}
-        self.coco_eval: dict[str, COCOeval] = {}
+        self.coco_eval: dict[str, Any] = {}  # COCOeval or COCOeval_faster
         self.per_class: dict[str, dict[str, float]] = {}
 
     def process(
@@ -182,31 +190,25 @@ class CocoEvaluator:
         return {"images": images, "annotations": annotations, "categories": categories}
 
     def evaluate(self, verbose: bool = False) -> dict[str, dict[str, float]]:
-        """COCO stats per IoU type: ``{"bbox": {"AP": ..., ...12 numbers}, "segm": {...}}``."""
+        """COCO stats per IoU type: ``{"bbox": {"AP": ..., ...12 numbers}, "segm": {...}}``
+        (keypoints: the 10 of :data:`KEYPOINT_STAT_NAMES`)."""
         stats = {}
         quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
         with quiet:
-            coco_gt = COCO()
-            coco_gt.dataset = self.ground_truth()
-            coco_gt.createIndex()
+            coco_gt = self.backend.ground_truth(self.ground_truth())
             for iou_type in self.iou_types:
-                results = self.results[iou_type]
-                coco_dt = coco_gt.loadRes(results) if results else COCO()
-                coco_eval = COCOeval(coco_gt, coco_dt, iouType=iou_type)
-                coco_eval.params.imgIds = sorted(coco_gt.getImgIds())
-                if iou_type == "keypoints":
-                    coco_eval.params.kpt_oks_sigmas = oks_sigmas(self.annotations)
-                coco_eval.evaluate()
-                coco_eval.accumulate()
-                coco_eval.summarize()
+                sigmas = oks_sigmas(self.annotations) if iou_type == "keypoints" else None
+                coco_eval = self.backend.evaluate(coco_gt, self.results[iou_type], iou_type, sigmas)
                 self.coco_eval[iou_type] = coco_eval
-                stats[iou_type] = dict(zip(STAT_NAMES, map(float, coco_eval.stats)))
+                names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+                stats[iou_type] = dict(zip(names, map(float, coco_eval.stats), strict=True))
                 self.per_class[iou_type] = self._per_class_ap(coco_eval)
         return stats
 
-    def _per_class_ap(self, coco_eval: COCOeval) -> dict[str, float]:
+    def _per_class_ap(self, coco_eval: Any) -> dict[str, float]:
         """AP at IoU 0.50:0.95, all areas, 100 detections, per category (pycocotools' own
-        precision table, as its summarize() averages it); -1 for a class without ground truth."""
+        precision table, as its summarize() averages it, the same in both backends); -1 for a
+        class without ground truth."""
         precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
         names = self.classes or []
         result = {}

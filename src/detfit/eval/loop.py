@@ -28,7 +28,7 @@ def as_float_image(image) -> torch.Tensor:
 
 class EvaluationResult:
     """What ``evaluate`` returns: per-IoU-type stats (on every rank), and on rank 0 the
-    pycocotools objects behind them.
+    COCOeval objects behind them (pycocotools' or faster-coco-eval's, the same interface).
 
     ``result.coco_eval["bbox"].stats`` works as with the references' CocoEvaluator.
     """
@@ -63,14 +63,16 @@ def evaluate(
     classes: Sequence[str] | None = None,
     progress: bool = True,
     verbose: bool = True,
+    backend: str | None = None,
 ) -> EvaluationResult:
     """COCO evaluation of ``model`` on ``data_loader`` (bbox, and segm/keypoints when the model
     has those heads). Under torchrun each rank passes a loader over its own share of the images
-    (:class:`~detfit.data.sampling.ShardBatches`); the result is the single-process one."""
+    (:class:`~detfit.data.sampling.ShardBatches`); the result is the single-process one.
+    ``backend``: the COCO metric's implementation (``eval_backend``; None: its default)."""
     device = torch.device(device)
     model = distributed.unwrap(model)
     model.eval()
-    evaluator = CocoEvaluator(iou_types or model_iou_types(model), classes=classes)
+    evaluator = CocoEvaluator(iou_types or model_iou_types(model), classes, backend)
     start = time.perf_counter()
     bar = tqdm(
         data_loader,

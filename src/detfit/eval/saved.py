@@ -8,6 +8,7 @@ from typing import Any
 
 from detfit import distributed
 from detfit.errors import DetfitError
+from detfit.eval.backends import check_backend
 from detfit.eval.loop import EvaluationResult, evaluate
 
 # Where the images scored come from, as Datasets.held_out names it, in words.
@@ -27,14 +28,15 @@ def evaluate_checkpoint(
     device: str = "auto",
     progress: bool = True,
     verbose: bool = True,
+    backend: str | None = None,
     plots: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> EvaluationResult:
     """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data`` (its test or
-    val split when it names one, else every image). ``verbose`` prints pycocotools' summary
-    table per IoU type (not its index-building chatter); ``plots`` names a folder for the PR
-    curves, confusion matrix and ``val_predictions.jpg``; ``log`` gets one line saying which
-    images are scored.
+    val split when it names one, else every image), with the COCO metric ``backend`` (None: the
+    run's ``eval_backend``). ``verbose`` prints the metric's summary table per IoU type (not its
+    index-building chatter); ``plots`` names a folder for the PR curves, confusion matrix and
+    ``val_predictions.jpg``; ``log`` gets one line saying which images are scored.
 
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
@@ -44,12 +46,16 @@ def evaluate_checkpoint(
     from detfit.engine.checkpoint import load_checkpoint
     from detfit.models import rebuild_model
 
+    if backend is not None:
+        check_backend(backend, "--backend")  # before the (slow) checkpoint is read
     ckpt = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ckpt["config"], str(checkpoint))
     if data_root:
         cfg.data_root = str(data_root)
     if data:
         cfg.dataset = data
+    if backend is not None:
+        cfg.eval_backend = backend
     dev = distributed.resolve_device(device)
     main = distributed.is_main
     with distributed.process_group(dev):
@@ -70,7 +76,13 @@ def evaluate_checkpoint(
         if main():  # only now: a checkpoint that does not load is one line, this one is not
             log(f"scoring {len(datasets.test)} images: {scored}")
         result = evaluate(
-            model, loaders.test, dev, classes=datasets.classes, progress=progress, verbose=False
+            model,
+            loaders.test,
+            dev,
+            classes=datasets.classes,
+            progress=progress,
+            verbose=False,
+            backend=cfg.eval_backend,
         )
         if main() and verbose:
             for iou_type, coco_eval in result.coco_eval.items():
