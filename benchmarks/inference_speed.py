@@ -91,13 +91,16 @@ def onnx_profile(path: Path, images: list, threads: int, top: int) -> list[tuple
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))  # beside the export, in its tmp folder
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     session.run(None, {name: images[0].numpy()})
     for image in images:
         session.run(None, {name: image.numpy()})
-    trace = json.loads(Path(session.end_profiling()).read_text())
+    trace_file = Path(session.end_profiling())
+    trace = json.loads(trace_file.read_text())
+    trace_file.unlink()
     totals: dict[str, float] = {}
     runs = [e for e in trace if e.get("name") == "model_run"]
     first_timed = runs[1]["ts"] if len(runs) > 1 else 0  # skip the warm-up run
