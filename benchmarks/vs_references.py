@@ -12,7 +12,9 @@ smoothed-value logging) and ``evaluate`` (COCO ground truth converted from the d
 references set it, then accumulate + summarize). Side "detfit" is ``detfit.Trainer`` on the same
 settings: the same model (built by the same builder with the same options), optimizer, batch size,
 loader processes, threads, images (detfit's seeded split for both), warm-up and seed; one epoch of
-``--iters`` iterations, then the evaluation of ``--eval-images`` test images.
+``--iters`` iterations, then the evaluation of ``--eval-images`` test images. With ``--plain`` a
+third side, "plain", runs the Trainer with issue #12's speed-ups switched off (``fold_frozen_bn``,
+``memory_format: contiguous``, ``fused_optimizer``), so one run also shows what they bring.
 
 Each side runs in a fresh child process per round, and rounds interleave (refs, detfit, refs, ...),
 so both see the same machine state. s/iteration is the wall time between consecutive optimizer
@@ -47,6 +49,9 @@ import torch
 # ---------------------------------------------------------------------------------------------
 
 SGD = {"lr": 0.005, "momentum": 0.9, "weight_decay": 0.0005}  # the tutorial's optimizer
+
+
+PLAIN = {"fold_frozen_bn": False, "memory_format": "contiguous", "fused_optimizer": False}
 
 
 def shared_config(args: argparse.Namespace, out: str | None = None):
@@ -422,6 +427,8 @@ def run_detfit(args: argparse.Namespace) -> dict:
         num_train = images - cfg.num_test
         warmup = min(1000, math.ceil(num_train / cfg.batch_size) - 1)
         cfg = cfg.model_copy(update={"warmup_iters": warmup, "warmup_factor": 1.0 / 1000})
+        if args.side == "plain":
+            cfg = cfg.model_copy(update=PLAIN)
         stamps = Stamps()
         trainer = Trainer(cfg, callbacks=[stamps], progress=False, log=lambda _: None)
         trainer.fit()
@@ -468,7 +475,10 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=3, help="first iterations not timed")
     parser.add_argument("--eval-images", type=int, default=20, help="held-out images (num_test)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--side", choices=("refs", "detfit"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--plain", action="store_true", help="also detfit with the speed-ups off (side plain)"
+    )
+    parser.add_argument("--side", choices=("refs", "detfit", "plain"), help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args()
     if args.side:
         result = (run_refs if args.side == "refs" else run_detfit)(args)
@@ -482,9 +492,10 @@ def main() -> None:
         f"{args.workers} loader process(es); {args.threads} threads; {args.iters} iterations "
         f"({args.skip} untimed) and {args.eval_images} eval images per run; {args.rounds} rounds"
     )
-    runs: dict[str, list[dict]] = {"refs": [], "detfit": []}
+    sides = ("refs", "detfit", "plain") if args.plain else ("refs", "detfit")
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for r in range(args.rounds):
-        for side in ("refs", "detfit"):
+        for side in sides:
             proc = subprocess.run(
                 child_command(side, argv), capture_output=True, text=True, check=False
             )
@@ -505,7 +516,7 @@ def main() -> None:
         }
         for side, rs in runs.items()
     }
-    a, b = mean["refs"], mean["detfit"]
+    b = mean["detfit"]
     images_per_iter = args.batch_size
     print("side    s/iter  images/s  eval s/image  peak RSS MiB")
     for side, m in mean.items():
@@ -513,11 +524,13 @@ def main() -> None:
             f"{side:6s}  {m['seconds_per_iter']:6.3f}  {images_per_iter / m['seconds_per_iter']:8.2f}"
             f"  {m['eval_seconds_per_image']:12.3f}  {m['peak_rss_mb']:12.0f}"
         )
-    print(
-        f"detfit / refs: training x{a['seconds_per_iter'] / b['seconds_per_iter']:.2f} iterations/s, "
-        f"evaluation x{a['eval_seconds_per_image'] / b['eval_seconds_per_image']:.2f} images/s, "
-        f"peak RSS x{b['peak_rss_mb'] / a['peak_rss_mb']:.2f}"
-    )
+    for base in ("refs", "plain") if args.plain else ("refs",):
+        a = mean[base]
+        print(
+            f"detfit / {base}: training x{a['seconds_per_iter'] / b['seconds_per_iter']:.2f} "
+            f"iterations/s, evaluation x{a['eval_seconds_per_image'] / b['eval_seconds_per_image']:.2f}"
+            f" images/s, peak RSS x{b['peak_rss_mb'] / a['peak_rss_mb']:.2f}"
+        )
 
 
 if __name__ == "__main__":

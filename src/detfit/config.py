@@ -279,6 +279,17 @@ class TrainConfig(BaseModel):
     threads: PositiveInt | None = Field(
         None, description="torch intra-op threads on the CPU; None: torch's default"
     )
+    fold_frozen_bn: bool = Field(
+        True,
+        description="run each frozen BatchNorm inside the convolution before it (same function, "
+        "faster)",
+    )
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto", description="auto: channels_last on the CPU (faster there), contiguous elsewhere"
+    )
+    fused_optimizer: bool = Field(
+        True, description="the optimizer's fused one-kernel step where torch has one for the device"
+    )
     seed: Annotated[int, Strict(), Field(ge=0, lt=2**32)] = Field(0, description="random seed")
     aspect_ratio_group_factor: Annotated[int, Strict(), Field(ge=-1)] = Field(
         3, description="grouped batching by aspect ratio; -1 disables it"

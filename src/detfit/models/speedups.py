@@ -1,0 +1,121 @@
+"""Ways to run a model faster that keep its function: FrozenBatchNorm folded into the convolution
+before it, and the channels_last memory format (issue #12, measured in BENCHMARKS.md).
+
+Neither changes a state dict's keys, the recorded structure (``models.structure``) or which
+parameters train, so checkpoints rebuild as the plain torchvision model (predict, export) and a
+run may be resumed with either switched on or off. Results differ from the plain model's only by
+floating-point rounding (tests/test_speedups.py states the tolerances).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+MemoryFormat = Literal["auto", "channels_last", "contiguous"]
+
+
+class FoldedAway(FrozenBatchNorm2d):
+    """A FrozenBatchNorm2d whose work the convolution before it does (see FoldedConv2d).
+
+    It keeps its buffers, so the state dict and the recorded structure stay the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class FoldedConv2d(nn.Conv2d):
+    """A Conv2d followed by a frozen BatchNorm, run as one convolution.
+
+    The norm's per-channel scale and shift are folded into the weight and bias at every call:
+    that touches the weights only, not the activations, and the gradient reaches ``weight``
+    through the same chain rule as before. Saved: the norm's two elementwise passes over the
+    output in forward and one in backward, which are large at the backbone's fine strides.
+    """
+
+    norm_ref: tuple[FoldedAway]  # a tuple, so the norm is not registered a second time
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = self.norm_ref[0]
+        # FrozenBatchNorm2d's own arithmetic, so the two paths round alike
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        shift = norm.bias - norm.running_mean * scale
+        weight = self.weight * scale.reshape(-1, 1, 1, 1).to(self.weight.dtype)
+        bias = shift if self.bias is None else self.bias * scale + shift
+        return weight, bias.to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.folded()
+        if self.padding_mode != "zeros":
+            pad = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(pad, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _conv_norm_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """Names of (Conv2d, FrozenBatchNorm2d) children of ``module`` where the norm takes the
+    convolution's output and nothing else does: neighbours in a container that runs its
+    children in order, or torchvision's ResNet blocks' ``convN``/``bnN``."""
+    children = dict(module.named_children())
+
+    def fits(conv: str, norm: str) -> bool:
+        return type(children.get(conv)) is nn.Conv2d and type(children.get(norm)) is (
+            FrozenBatchNorm2d
+        )
+
+    if isinstance(module, nn.Sequential | IntermediateLayerGetter):
+        names = list(children)
+        returned = getattr(module, "return_layers", {})  # a convolution's own output is a feature
+        pairs = zip(names, names[1:], strict=False)
+        return [(a, b) for a, b in pairs if fits(a, b) and a not in returned]
+    if isinstance(module, BasicBlock | Bottleneck):
+        return [(f"conv{i}", f"bn{i}") for i in (1, 2, 3) if fits(f"conv{i}", f"bn{i}")]
+    return []
+
+
+def fold_frozen_batchnorm(model: nn.Module) -> int:
+    """Fold every FrozenBatchNorm2d into the Conv2d that feeds it (see FoldedConv2d), in place.
+
+    Trainable BatchNorm (and a norm after anything but a plain convolution) is left alone.
+    Parameters and buffers are the same objects afterwards, so an optimizer built before or
+    after sees the same tensors. Returns how many pairs were folded.
+    """
+    count = 0
+    for module in list(model.modules()):
+        for conv_name, norm_name in _conv_norm_pairs(module):
+            conv: nn.Conv2d = getattr(module, conv_name)
+            norm: FrozenBatchNorm2d = getattr(module, norm_name)
+            away = FoldedAway(norm.weight.numel(), eps=norm.eps)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                setattr(away, name, getattr(norm, name))
+            conv.__class__ = FoldedConv2d  # same attributes, parameters and hooks; new forward
+            conv.norm_ref = (away,)
+            setattr(module, norm_name, away)
+            count += 1
+    return count
+
+
+def resolve_memory_format(setting: MemoryFormat, device: torch.device) -> torch.memory_format:
+    """``auto``: channels_last on the CPU, where oneDNN's convolutions (depthwise ones above all)
+    run faster in it (BENCHMARKS.md); contiguous elsewhere, where it was not measured."""
+    if setting == "channels_last" or (setting == "auto" and device.type == "cpu"):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def speed_up(
+    model: nn.Module, device: torch.device, *, fold_frozen_bn: bool, memory_format: MemoryFormat
+) -> nn.Module:
+    """Apply the chosen speed-ups to ``model`` (already on ``device``), in place."""
+    if fold_frozen_bn:
+        fold_frozen_batchnorm(model)
+    fmt = resolve_memory_format(memory_format, device)
+    if fmt is torch.channels_last:
+        model.to(memory_format=fmt)  # 4-D weights; activations follow from the first conv
+    return model
