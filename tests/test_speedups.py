@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+import test_models
 from conftest import SMALL, run_config
 from detfit.config import TrainConfig
 from detfit.engine.builders import build_optimizer
@@ -24,6 +25,8 @@ from detfit.models.speedups import (
     speed_up,
 )
 from test_models import randomized_state
+
+mobilenet_file = test_models.mobilenet_file  # the fixture: a random "ImageNet" file, saved by it
 
 # Folding changes the order of float32 operations (scale the weight, then convolve, instead of
 # convolve, then scale the output), so results agree to rounding, relative to each tensor's size.
@@ -120,16 +123,6 @@ def test_trainable_batchnorm_is_not_folded_and_a_copy_keeps_its_own_norm():
         assert relative_error(model(x), reference(x)) > 0.01
 
 
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory):
-    """A random "ImageNet" mobilenet_v2 file: with it the recipe's backbone has FrozenBatchNorm."""
-    torch.manual_seed(0)
-    state = randomized_state(torchvision.models.mobilenet_v2(weights=None), 2, False)
-    path = tmp_path_factory.mktemp("speedups") / "mobilenet_v2.pth"
-    torch.save(state, path)
-    return path
-
-
 def detector_losses(model: nn.Module, images, targets) -> dict[str, torch.Tensor]:
     torch.manual_seed(5)  # the same RoI sampling on both paths
     model.train()
@@ -138,10 +131,10 @@ def detector_losses(model: nn.Module, images, targets) -> dict[str, torch.Tensor
     return {k: v.detach() for k, v in losses.items()}
 
 
-def test_recipe_detector_fold_and_channels_last_same_losses_and_gradients(backbone_file):
+def test_recipe_detector_fold_and_channels_last_same_losses_and_gradients(mobilenet_file):
     torch.manual_seed(0)
     plain = build_model(
-        "maskrcnn_mobilenet_v2_fpn", 2, weights_backbone=str(backbone_file), **SMALL
+        "maskrcnn_mobilenet_v2_fpn", 2, weights_backbone=str(mobilenet_file[0]), **SMALL
     )
     fast = speed_up(
         copy.deepcopy(plain),
@@ -203,7 +196,7 @@ def test_fused_optimizer_step_equals_the_per_tensor_step(optimizer):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
 
 
-def test_trainer_runs_sped_up_and_saves_the_plain_model(synthetic_root, tmp_path, backbone_file):
+def test_trainer_runs_sped_up_and_saves_the_plain_model(synthetic_root, tmp_path, mobilenet_file):
     from detfit.engine.callbacks import Callback
     from detfit.engine.checkpoint import load_checkpoint
     from detfit.engine.trainer import Trainer
@@ -218,7 +211,7 @@ def test_trainer_runs_sped_up_and_saves_the_plain_model(synthetic_root, tmp_path
     runs = {}
     for name, fast in (("fast", True), ("plain", False)):
         cfg = run_config(synthetic_root, tmp_path / name)
-        cfg.weights_backbone = str(backbone_file)
+        cfg.weights_backbone = str(mobilenet_file[0])  # pretrained: FrozenBatchNorm
         cfg.epochs, cfg.max_iters_per_epoch = 1, 2
         if not fast:
             cfg.fold_frozen_bn, cfg.memory_format, cfg.fused_optimizer = False, "contiguous", False

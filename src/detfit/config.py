@@ -198,6 +198,8 @@ def one_of(name: str, choices: Sequence[str]) -> str:
 
 # The COCO metric's implementations (detfit.eval.backends), the same numbers from each.
 EvalBackend = Literal["faster-coco-eval", "pycocotools"]
+# Memory layouts for the model's 4-D weights and activations (detfit.models.speedups).
+MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 
 
 class TrainConfig(BaseModel):
@@ -284,7 +286,7 @@ class TrainConfig(BaseModel):
         description="run each frozen BatchNorm inside the convolution before it (same function, "
         "faster)",
     )
-    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+    memory_format: MemoryFormat = Field(
         "auto", description="auto: channels_last on the CPU (faster there), contiguous elsewhere"
     )
     fused_optimizer: bool = Field(

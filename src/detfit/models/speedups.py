@@ -9,8 +9,6 @@ floating-point rounding (tests/test_speedups.py states the tolerances).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +16,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-MemoryFormat = Literal["auto", "channels_last", "contiguous"]
+from detfit.config import MemoryFormat
 
 
 class FoldedAway(FrozenBatchNorm2d):
@@ -43,7 +41,7 @@ class FoldedConv2d(nn.Conv2d):
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         norm = self.norm_ref[0]
-        # FrozenBatchNorm2d's own arithmetic, so the two paths round alike
+        # FrozenBatchNorm2d's own formula for its scale and shift
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
         shift = norm.bias - norm.running_mean * scale
         weight = self.weight * scale.reshape(-1, 1, 1, 1).to(self.weight.dtype)
