@@ -143,8 +143,11 @@ def test_recipe_detector_fold_and_channels_last_same_losses_and_gradients(mobile
         memory_format="channels_last",
     )
     assert sum(type(m) is FoldedConv2d for m in fast.modules()) == 52
-    convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
+    convs = [m for m in fast.backbone.modules() if isinstance(m, nn.Conv2d)]
+    convs += [m for m in fast.rpn.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    heads = [m for m in fast.roi_heads.modules() if isinstance(m, nn.Conv2d)]
+    assert heads and all(c.weight.is_contiguous() for c in heads)
     gen = torch.Generator().manual_seed(4)
     images = [torch.rand(3, 80, 72, generator=gen), torch.rand(3, 64, 96, generator=gen)]
     targets = []

@@ -115,5 +115,10 @@ def speed_up(
         fold_frozen_batchnorm(model)
     fmt = resolve_memory_format(memory_format, device)
     if fmt is torch.channels_last:
-        model.to(memory_format=fmt)  # 4-D weights; activations follow from the first conv
+        # 4-D weights; activations follow from the first convolution. The RoI heads stay
+        # contiguous: torchvision's keypoint loss views their output (a channels_last one cannot
+        # be viewed), and their 14x14 convolutions gained nothing from channels_last.
+        for name, child in model.named_children():
+            if name != "roi_heads":
+                child.to(memory_format=fmt)
     return model
