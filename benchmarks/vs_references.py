@@ -13,8 +13,8 @@ references set it, then accumulate + summarize). Side "detfit" is ``detfit.Train
 settings: the same model (built by the same builder with the same options), optimizer, batch size,
 loader processes, threads, images (detfit's seeded split for both), warm-up and seed; one epoch of
 ``--iters`` iterations, then the evaluation of ``--eval-images`` test images. With ``--plain`` a
-third side, "plain", runs the Trainer with issue #12's speed-ups switched off (``fold_frozen_bn``,
-``memory_format: contiguous``, ``fused_optimizer``), so one run also shows what they bring.
+third side, "plain", runs the Trainer with issue #12's speed-ups switched off
+(``detfit.config.SPEED_UPS_OFF``), so one run also shows what they bring.
 
 Each side runs in a fresh child process per round, and rounds interleave (refs, detfit, refs, ...),
 so both see the same machine state. s/iteration is the wall time between consecutive optimizer
@@ -49,9 +49,6 @@ import torch
 # ---------------------------------------------------------------------------------------------
 
 SGD = {"lr": 0.005, "momentum": 0.9, "weight_decay": 0.0005}  # the tutorial's optimizer
-
-
-PLAIN = {"fold_frozen_bn": False, "memory_format": "contiguous", "fused_optimizer": False}
 
 
 def shared_config(args: argparse.Namespace, out: str | None = None):
@@ -395,6 +392,7 @@ def run_refs(args: argparse.Namespace) -> dict:
 
 
 def run_detfit(args: argparse.Namespace) -> dict:
+    from detfit.config import SPEED_UPS_OFF
     from detfit.data.pennfudan import resolve_pennfudan
     from detfit.engine.callbacks import Callback
     from detfit.engine.trainer import Trainer
@@ -428,7 +426,7 @@ def run_detfit(args: argparse.Namespace) -> dict:
         warmup = min(1000, math.ceil(num_train / cfg.batch_size) - 1)
         cfg = cfg.model_copy(update={"warmup_iters": warmup, "warmup_factor": 1.0 / 1000})
         if args.side == "plain":
-            cfg = cfg.model_copy(update=PLAIN)
+            cfg = cfg.model_copy(update=SPEED_UPS_OFF)
         stamps = Stamps()
         trainer = Trainer(cfg, callbacks=[stamps], progress=False, log=lambda _: None)
         trainer.fit()

@@ -1,5 +1,6 @@
-"""The speed-ups (issue #12) against the plain path: FrozenBatchNorm folding, channels_last and
-the fused optimizer step each keep the outputs, within the stated floating-point tolerances."""
+"""The speed-ups (issue #12) against the plain path: FrozenBatchNorm folding, channels_last, the
+sparse RoIAlign (also tests/test_roi_align.py) and the fused optimizer step each keep the
+outputs, within the stated floating-point tolerances."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import test_models
 from conftest import SMALL, run_config
-from detfit.config import TrainConfig
+from detfit.config import SPEED_UPS_OFF, TrainConfig
 from detfit.engine.builders import build_optimizer
 from detfit.models import build_model, rebuild_model
+from detfit.models.roi_align import SparseMultiScaleRoIAlign
 from detfit.models.speedups import (
     FoldedAway,
     FoldedConv2d,
@@ -131,7 +133,7 @@ def detector_losses(model: nn.Module, images, targets) -> dict[str, torch.Tensor
     return {k: v.detach() for k, v in losses.items()}
 
 
-def test_recipe_detector_fold_and_channels_last_same_losses_and_gradients(mobilenet_file):
+def test_recipe_detector_sped_up_same_losses_and_gradients(mobilenet_file):
     torch.manual_seed(0)
     plain = build_model(
         "maskrcnn_mobilenet_v2_fpn", 2, weights_backbone=str(mobilenet_file[0]), **SMALL
@@ -141,8 +143,11 @@ def test_recipe_detector_fold_and_channels_last_same_losses_and_gradients(mobile
         torch.device("cpu"),
         fold_frozen_bn=True,
         memory_format="channels_last",
+        sparse_roi_align=True,
     )
     assert sum(type(m) is FoldedConv2d for m in fast.modules()) == 52
+    assert type(fast.roi_heads.box_roi_pool) is SparseMultiScaleRoIAlign
+    assert type(fast.roi_heads.mask_roi_pool) is SparseMultiScaleRoIAlign
     convs = [m for m in fast.backbone.modules() if isinstance(m, nn.Conv2d)]
     convs += [m for m in fast.rpn.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
@@ -217,18 +222,20 @@ def test_trainer_runs_sped_up_and_saves_the_plain_model(synthetic_root, tmp_path
         cfg.weights_backbone = str(mobilenet_file[0])  # pretrained: FrozenBatchNorm
         cfg.epochs, cfg.max_iters_per_epoch = 1, 2
         if not fast:
-            cfg.fold_frozen_bn, cfg.memory_format, cfg.fused_optimizer = False, "contiguous", False
+            cfg = cfg.model_copy(update=SPEED_UPS_OFF)
         probe = Losses()
         trainer = Trainer(cfg, callbacks=[probe], progress=False, log=lambda _: None)
         trainer.fit()
         folded = sum(type(m) is FoldedConv2d for m in trainer.module.modules())
+        sparse = sum(type(m) is SparseMultiScaleRoIAlign for m in trainer.module.modules())
         weight = trainer.module.backbone.body["0"][0].weight
-        runs[name] = (probe.losses, folded, weight, trainer.optimizer.defaults["fused"])
-    fast_losses, folded, weight, fused = runs["fast"]
-    assert folded == 52 and fused is True
+        runs[name] = (probe.losses, folded, sparse, weight, trainer.optimizer.defaults["fused"])
+    fast_losses, folded, sparse, weight, fused = runs["fast"]
+    assert folded == 52 and sparse == 2 and fused is True
     assert weight.is_contiguous(memory_format=torch.channels_last)
-    plain_losses, folded, weight, fused = runs["plain"]
-    assert folded == 0 and not fused and not weight.is_contiguous(memory_format=torch.channels_last)
+    plain_losses, folded, sparse, weight, fused = runs["plain"]
+    assert folded == 0 and sparse == 0 and not fused
+    assert not weight.is_contiguous(memory_format=torch.channels_last)
     # the first step sees the same weights on both paths
     assert abs(fast_losses[0] - plain_losses[0]) <= RTOL * plain_losses[0]
 
@@ -237,4 +244,4 @@ def test_trainer_runs_sped_up_and_saves_the_plain_model(synthetic_root, tmp_path
     assert list(fast_ckpt["model"]) == list(plain_ckpt["model"])
     assert fast_ckpt["model_info"]["structure"] == plain_ckpt["model_info"]["structure"]
     rebuilt = rebuild_model(fast_ckpt["model_info"], fast_ckpt["model"])
-    assert not any(type(m) is FoldedConv2d for m in rebuilt.modules())
+    assert not any(type(m) in (FoldedConv2d, SparseMultiScaleRoIAlign) for m in rebuilt.modules())

@@ -200,6 +200,14 @@ def one_of(name: str, choices: Sequence[str]) -> str:
 EvalBackend = Literal["faster-coco-eval", "pycocotools"]
 # Memory layouts for the model's 4-D weights and activations (detfit.models.speedups).
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
+# The settings of issue #12's speed-ups, at the values that switch each off (the plain path).
+# Each keeps the model's function, so a run may change them on resume.
+SPEED_UPS_OFF: dict[str, Any] = {
+    "fold_frozen_bn": False,
+    "memory_format": "contiguous",
+    "fused_optimizer": False,
+    "sparse_roi_align": False,
+}
 
 
 class TrainConfig(BaseModel):
@@ -291,6 +299,10 @@ class TrainConfig(BaseModel):
     )
     fused_optimizer: bool = Field(
         True, description="the optimizer's fused one-kernel step where torch has one for the device"
+    )
+    sparse_roi_align: bool = Field(
+        True,
+        description="RoIAlign as a sparse matrix product on the CPU (same function, faster)",
     )
     seed: Annotated[int, Strict(), Field(ge=0, lt=2**32)] = Field(0, description="random seed")
     aspect_ratio_group_factor: Annotated[int, Strict(), Field(ge=-1)] = Field(

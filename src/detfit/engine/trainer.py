@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from detfit import distributed
-from detfit.config import RECIPES, TrainConfig
+from detfit.config import RECIPES, SPEED_UPS_OFF, TrainConfig
 from detfit.engine.builders import (
     Datasets,
     build_datasets,
@@ -79,9 +79,7 @@ RESUMABLE = (
     "eval_backend",
     "plots",
     "logger",
-    "fold_frozen_bn",  # execution only: the function, state dict and optimizer state are the same
-    "memory_format",
-    "fused_optimizer",
+    *SPEED_UPS_OFF,  # execution only: the function, state dict and optimizer state are the same
 )
 
 
@@ -375,6 +373,7 @@ class Trainer:
             self.device,
             fold_frozen_bn=cfg.fold_frozen_bn,
             memory_format=cfg.memory_format,
+            sparse_roi_align=cfg.sparse_roi_align,
         )
         if cfg.sync_bn and self.world_size > 1:
             if self.device.type != "cuda":

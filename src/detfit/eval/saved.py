@@ -72,7 +72,13 @@ def evaluate_checkpoint(
             )
         loaders = build_loaders(cfg, datasets, distributed.rank(), distributed.world_size())
         model = rebuild_model(ckpt["model_info"], ckpt["model"], str(checkpoint)).to(dev)
-        speed_up(model, dev, fold_frozen_bn=cfg.fold_frozen_bn, memory_format=cfg.memory_format)
+        speed_up(
+            model,
+            dev,
+            fold_frozen_bn=cfg.fold_frozen_bn,
+            memory_format=cfg.memory_format,
+            sparse_roi_align=cfg.sparse_roi_align,
+        )
         source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
         scored = f"{SCORED[datasets.held_out]}{source}"
         if main():  # only now: a checkpoint that does not load is one line, this one is not

@@ -1,7 +1,8 @@
 """Ways to run a model faster that keep its function: FrozenBatchNorm folded into the convolution
-before it, and the channels_last memory format (issue #12, measured in BENCHMARKS.md).
+before it, the channels_last memory format, and RoIAlign as a sparse matrix product
+(``models.roi_align``) (issue #12, measured in BENCHMARKS.md).
 
-Neither changes a state dict's keys, the recorded structure (``models.structure``) or which
+None changes a state dict's keys, the recorded structure (``models.structure``) or which
 parameters train, so checkpoints rebuild as the plain torchvision model (predict, export) and a
 run may be resumed with either switched on or off. Results differ from the plain model's only by
 floating-point rounding (tests/test_speedups.py states the tolerances).
@@ -17,6 +18,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detfit.config import MemoryFormat
+from detfit.models.roi_align import use_sparse_roi_align
 
 
 class FoldedAway(FrozenBatchNorm2d):
@@ -108,11 +110,18 @@ def resolve_memory_format(setting: MemoryFormat, device: torch.device) -> torch.
 
 
 def speed_up(
-    model: nn.Module, device: torch.device, *, fold_frozen_bn: bool, memory_format: MemoryFormat
+    model: nn.Module,
+    device: torch.device,
+    *,
+    fold_frozen_bn: bool,
+    memory_format: MemoryFormat,
+    sparse_roi_align: bool,
 ) -> nn.Module:
     """Apply the chosen speed-ups to ``model`` (already on ``device``), in place."""
     if fold_frozen_bn:
         fold_frozen_batchnorm(model)
+    if sparse_roi_align:  # it runs on the CPU only and calls torchvision's kernel elsewhere
+        use_sparse_roi_align(model)
     fmt = resolve_memory_format(memory_format, device)
     if fmt is torch.channels_last:
         # 4-D weights; activations follow from the first convolution. The RoI heads stay
