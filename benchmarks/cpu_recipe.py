@@ -5,6 +5,7 @@ s/image and peak RSS, and whether it reaches the target (bbox AP >= 0.60, segm A
     python benchmarks/cpu_recipe.py --data-root ../shared/data/PennFudanPed --out runs/bench-cpu
     python benchmarks/cpu_recipe.py --from-run runs/bench-cpu      # print an existing run
     python benchmarks/cpu_recipe.py --data-root ... --seed 1        # another training seed
+    python benchmarks/cpu_recipe.py --data-root ... --plain         # issue #12's speed-ups off
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from detfit.config import recipe_config
+from detfit.config import SPEED_UPS_OFF, recipe_config
 from detfit.engine import fit
 
 TARGET = {"bbox_AP": 0.60, "segm_AP": 0.55}
@@ -60,15 +61,20 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-cpu")
     parser.add_argument("--from-run", type=Path)
     parser.add_argument("--seed", type=int, help="training seed (the split stays the default)")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="switch issue #12's speed-ups off (SPEED_UPS_OFF): the recipe as it ran before them",
+    )
     args = parser.parse_args()
     if args.from_run:
         report(args.from_run)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
-    run = fit(
-        recipe_config("cpu", data_root=args.data_root, out=args.out, seed=args.seed), progress=False
-    )
+    plain = SPEED_UPS_OFF if args.plain else {}
+    cfg = recipe_config("cpu", data_root=args.data_root, out=args.out, seed=args.seed, **plain)
+    run = fit(cfg, progress=False)
     report(run, (time.perf_counter() - start) / 60)
 
 

@@ -523,3 +523,31 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(sneaky)
     assert str(sneaky) in str(info.value) and "\n" not in str(info.value)
     assert EXECUTED == []  # weights_only: nothing from the file ran
+
+
+def test_train_seconds_stop_where_training_stops(synthetic_root, tmp_path):
+    """``train_seconds`` (and so ``train_seconds_per_iter``) count the epoch's training, not the
+    evaluation after it: a callback that spends 1.5 s on evaluation adds nothing to them."""
+    import time
+
+    from detfit.engine.callbacks import Callback
+    from detfit.engine.trainer import Trainer
+
+    class Clock(Callback):
+        def on_epoch_start(self, trainer) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, trainer, result) -> None:
+            self.last_step = time.perf_counter()
+
+        def on_evaluation(self, trainer, result) -> None:
+            time.sleep(1.5)
+
+    cfg = run_config(synthetic_root, tmp_path / "run")
+    cfg.epochs, cfg.max_iters_per_epoch = 1, 2
+    clock = Clock()
+    trainer = Trainer(cfg, callbacks=[clock], progress=False, log=lambda _: None)
+    trainer.fit()
+    row = trainer.history[-1]
+    assert 0 < row["train_seconds"] <= clock.last_step - clock.start + 0.2
+    assert row["train_seconds_per_iter"] == pytest.approx(row["train_seconds"] / 2)

@@ -4,6 +4,8 @@ the same pooled values and the same feature gradients, on every border case of t
 from __future__ import annotations
 
 import copy
+import re
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import roi_align as torchvision_roi_align
 
-from conftest import TINY
+from conftest import REPO, TINY
 from detfit.models import build_model
 from detfit.models.roi_align import (
     SparseMultiScaleRoIAlign,
@@ -222,3 +224,17 @@ def test_use_sparse_roi_align_swaps_every_pooler_and_keeps_the_state(model, pool
     assert not any(type(m) is MultiScaleRoIAlign for m in detector.modules())
     after = detector.state_dict()
     assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_speed_benchmark_runs_and_agrees(monkeypatch, capsys):
+    """benchmarks/roi_align_speed.py times both kernels on the recipe's shapes and finds the same
+    pooled values and gradients (in this process: no second torch import)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import roi_align_speed
+
+    monkeypatch.setattr(sys, "argv", ["roi_align_speed.py", "--reps", "1"])
+    roi_align_speed.main()
+    rows = re.findall(r"(\d+\.\d)x\s+(\S+)\s+(\S+)\n", capsys.readouterr().out)
+    assert len(rows) == len(roi_align_speed.CASES)
+    for ratio, out_diff, grad_diff in rows:
+        assert float(ratio) > 0 and float(out_diff) < 1e-4 and float(grad_diff) < 1e-4

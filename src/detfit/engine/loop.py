@@ -166,6 +166,7 @@ class LossMeter:
     skipped: int = 0
     seconds_before: float = 0.0  # time spent in this epoch before a resume
     start: float = field(default_factory=time.perf_counter)
+    end: float | None = None  # set by stop(): the epoch's evaluation is not training time
 
     def add(self, result: StepResult) -> None:
         if result.skipped:
@@ -180,9 +181,14 @@ class LossMeter:
     def mean_loss(self) -> float:
         return self.total / max(self.steps, 1)
 
+    def stop(self) -> None:
+        """The epoch's training is over: later time (evaluation, checkpoints) is not counted."""
+        self.end = time.perf_counter()
+
     @property
     def seconds(self) -> float:
-        return self.seconds_before + time.perf_counter() - self.start
+        end = time.perf_counter() if self.end is None else self.end
+        return self.seconds_before + end - self.start
 
     def summary(self, lr: float) -> dict[str, float]:
         """Mean of each loss, the lr, seconds and seconds per iteration, skipped steps."""

@@ -539,6 +539,7 @@ class Trainer:
             self._fire("on_epoch_start")
             if self.iteration < self.iters_per_epoch:
                 self._train_epoch()
+            self.meter.stop()
             result = evaluate(
                 self.eval_model,
                 self.loaders.test,
