@@ -527,7 +527,7 @@ def test_load_checkpoint_errors(tmp_path):
 
 def test_train_seconds_stop_where_training_stops(synthetic_root, tmp_path):
     """``train_seconds`` (and so ``train_seconds_per_iter``) count the epoch's training, not the
-    evaluation after it: a callback that spends 1.5 s on evaluation adds nothing to them."""
+    evaluation after it: a callback that spends 2 s on evaluation adds nothing to them."""
     import time
 
     from detfit.engine.callbacks import Callback
@@ -541,7 +541,7 @@ def test_train_seconds_stop_where_training_stops(synthetic_root, tmp_path):
             self.last_step = time.perf_counter()
 
         def on_evaluation(self, trainer, result) -> None:
-            time.sleep(1.5)
+            time.sleep(2.0)
 
     cfg = run_config(synthetic_root, tmp_path / "run")
     cfg.epochs, cfg.max_iters_per_epoch = 1, 2
@@ -549,5 +549,6 @@ def test_train_seconds_stop_where_training_stops(synthetic_root, tmp_path):
     trainer = Trainer(cfg, callbacks=[clock], progress=False, log=lambda _: None)
     trainer.fit()
     row = trainer.history[-1]
-    assert 0 < row["train_seconds"] <= clock.last_step - clock.start + 0.2
+    # the margin covers leaving the loader after the last step, not the 2 s of evaluation
+    assert 0 < row["train_seconds"] <= clock.last_step - clock.start + 0.75
     assert row["train_seconds_per_iter"] == pytest.approx(row["train_seconds"] / 2)

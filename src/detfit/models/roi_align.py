@@ -6,7 +6,7 @@ bilinear weight for every channel; on the CPU recipe it took ~10% of a training 
 bin is a weighted sum of at most ``(2 * sampling_ratio) ** 2`` feature pixels, the same weights
 for every channel. Those weights form a sparse matrix ``S`` (rows: RoI bins, columns: pixels);
 the forward pass is ``S @ features`` and the backward pass, which autograd derives, is
-``S.T @ grad``, both one multi-threaded sparse-dense product over channels-last features.
+``S.T @ grad``: one sparse-dense product each, over channels-last features.
 
 The sample positions, the border rules and the weights follow torchvision's kernel term by term,
 so results equal ``torchvision.ops.roi_align`` up to floating-point rounding (the summation order

@@ -4,7 +4,7 @@ before it, the channels_last memory format, and RoIAlign as a sparse matrix prod
 
 None changes a state dict's keys, the recorded structure (``models.structure``) or which
 parameters train, so checkpoints rebuild as the plain torchvision model (predict, export) and a
-run may be resumed with either switched on or off. Results differ from the plain model's only by
+run may be resumed with any of them switched on or off. Results differ from the plain model's only by
 floating-point rounding (tests/test_speedups.py states the tolerances).
 """
 
