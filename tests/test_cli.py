@@ -68,7 +68,7 @@ def invoke(*args) -> str:
                 "--device",
             ],
         ),
-        (["export"], ["--format", "--out", "--opset", "--images", "--no-check", "--strip"]),
+        (["export"], ["--format", "--file", "--opset", "--images", "--no-check", "--strip"]),
         (["data", "pennfudan"], ["--data-root", "--download", "--no-download"]),
     ],
     ids=["detfit", "train", "eval", "predict", "export", "data-pennfudan"],
@@ -142,7 +142,9 @@ def test_data_pennfudan_error_is_one_line(tmp_path):
     [
         (["train", "--recipe", "cpu", "--set", "epochs"], "--set 'epochs': expected KEY=VALUE"),
         (["train", "--recipe", "cpu", "--set", "bogus=1"], "bogus=1: unknown setting"),
-        (["train", "--recipe", "gpu9000"], "unknown recipe 'gpu9000'"),
+        (["train", "--recipe", "gpu9000"], "recipe='gpu9000': must be one of auto, tutorial, cpu"),
+        (["settings", "--recipe", "cpx"], "recipe='cpx': must be one of auto, tutorial, cpu"),
+        (["train", "--model", "maskrcnn_resnet"], "`detfit models` lists them"),
         (["eval", "no/such/run.pt"], "no/such/run.pt: checkpoint not found"),
     ],
 )
@@ -294,3 +296,29 @@ def test_predict_writes_overlays_and_json(trained_run, tmp_path, monkeypatch, ca
     assert code == 1
     assert err.splitlines()[0] == f"detfit: skipped: {missing}: not found"
     assert sorted(os.listdir(other)) == ["img1.json", "img1.png"]
+
+
+def test_version_and_short_help():
+    from detfit import __version__
+
+    assert invoke("--version").strip() == f"detfit {__version__}"
+    assert "Usage: detfit train" in invoke("train", "-h")
+    assert "Usage: detfit data check" in invoke("data", "check", "-h")
+
+
+def test_help_keeps_brackets():
+    """Help texts are plain: "detfit[tensorboard]" keeps its brackets."""
+    assert "detfit[tensorboard]" in invoke("train", "--help").replace("\n", "")
+
+
+def test_data_check_split(tmp_path, monkeypatch, capsys):
+    from detfit.data.synthetic import write_all_formats
+
+    coco = write_all_formats(tmp_path / "demo", num_images=6)["coco"]
+    code, out, err = run_main(
+        monkeypatch, capsys, "data", "check", f"coco:{coco}", "--split", "train"
+    )
+    assert code == 0, err
+    assert out.count("[train]") == 1 and "[val]" not in out
+    code, _, err = run_main(monkeypatch, capsys, "data", "check", f"coco:{coco}", "--split", "val")
+    assert code == 2 and "no val split (it has train)" in err

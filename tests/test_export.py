@@ -147,7 +147,7 @@ def test_strip_keeps_what_rebuilding_needs(tmp_path, monkeypatch, capsys):
     name, options = FAMILIES["maskrcnn"]
     ckpt = tiny_checkpoint(tmp_path / "model.pt", name, options)
     small = tmp_path / "small.pt"
-    code, stdout, _ = run_main(monkeypatch, capsys, "export", "--strip", ckpt, "--out", small)
+    code, stdout, _ = run_main(monkeypatch, capsys, "export", "--strip", ckpt, "--file", small)
     assert code in (None, 0) and "MiB (was" in stdout
     loaded = load_checkpoint(small)
     assert set(loaded) == {"model", "model_info", "config"}

@@ -116,9 +116,10 @@ def test_merge_settings_is_the_one_merge():
 
 
 def test_settings_command_lists_every_setting(monkeypatch, capsys):
-    code, out, err = run_main(monkeypatch, capsys, "settings")
+    code, out, err = run_main(monkeypatch, capsys, "settings", "--recipe", "tutorial")
     assert code == 0, err
-    names = {line.split()[0] for line in out.splitlines()[1:]}
+    assert out.splitlines()[0] == "recipe tutorial"
+    names = {line.split()[0] for line in out.splitlines()[2:]}
     assert set(TrainConfig.model_fields) <= names
     assert {"model_options.min_size", "model_options.trainable_backbone_layers"} <= names
     lines = {line.split()[0]: line for line in out.splitlines()}
@@ -127,3 +128,20 @@ def test_settings_command_lists_every_setting(monkeypatch, capsys):
     assert "sgd | adamw" in lines["optimizer"]
     assert "also write last.pt every N training iterations" in lines["checkpoint_every_iters"]
     assert all(row[3] for row in settings_table())  # every setting says what it means
+
+
+def test_settings_shows_the_recipe_train_would_use(monkeypatch, capsys):
+    """Without --recipe: the recipe `detfit train` picks on this machine (cpu without CUDA), with
+    that recipe's values, model options included."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    code, out, err = run_main(monkeypatch, capsys, "settings")
+    assert code == 0, err
+    assert out.splitlines()[0] == "recipe cpu (auto on this machine)"
+    header = out.splitlines()[1]
+    start, end = header.index(" cpu ") + 1, header.index("meaning")  # the value column
+    values = {line.split()[0]: line[start:end].strip() for line in out.splitlines()[2:]}
+    assert values["epochs"] == str(RECIPES["cpu"]["epochs"]) == "11"
+    assert values["optimizer"] == "adamw"
+    assert values["model_options.max_size"] == "700"
+    assert values["model_options.size"] == "-"  # not set by the recipe
+    assert values["hflip_prob"] == "0.5"  # not set by the recipe: TrainConfig's default

@@ -11,16 +11,47 @@ import typer
 
 from detfit.errors import DetfitError
 
+# Help texts are plain text: rich markup would eat "[tensorboard]" in "pip install
+# 'detfit[tensorboard]'". -h is --help everywhere.
+HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     help="Fine-tune torchvision detection and instance-segmentation models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings=HELP,
 )
 data_app = typer.Typer(
-    help="Datasets: check, show, convert, examples, Penn-Fudan download.", no_args_is_help=True
+    help="Datasets: check, show, convert, examples, Penn-Fudan download.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings=HELP,
 )
 app.add_typer(data_app, name="data")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from detfit import __version__
+
+        typer.echo(f"detfit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print detfit's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Fine-tune torchvision detection and instance-segmentation models."""
 
 DataRoot = Annotated[
     Path | None,
@@ -35,13 +66,20 @@ Dataset = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")]
+Split = Annotated[
+    str | None,
+    typer.Option(
+        help="Which split of the dataset: train, val or test (default: see the command's help)."
+    ),
+]
+Recipe = Annotated[
+    str, typer.Option(help="auto (cpu without a GPU, else tutorial), cpu, tutorial.")
+]
 
 
 @app.command()
 def train(
-    recipe: Annotated[
-        str, typer.Option(help="auto (cpu without a GPU, else tutorial), cpu, tutorial.")
-    ] = "auto",
+    recipe: Recipe = "auto",
     config: Annotated[
         Path | None, typer.Option(help="YAML file of settings (see config.yaml in a run folder).")
     ] = None,
@@ -89,7 +127,13 @@ def train(
     import torch
 
     from detfit import distributed
-    from detfit.config import RECIPES, TrainConfig, load_settings, merge_settings, recipe_config
+    from detfit.config import (
+        TrainConfig,
+        load_settings,
+        merge_settings,
+        recipe_config,
+        resolve_recipe,
+    )
     from detfit.engine import Trainer
 
     say = typer.echo if distributed.env_is_main() else (lambda *a, **k: None)
@@ -126,7 +170,7 @@ def train(
         say(f"done: {run_dir} (best.pt, last.pt, metrics.csv, config.yaml)")
         return
     if recipe == "auto":
-        recipe = "tutorial" if torch.cuda.is_available() else "cpu"
+        recipe = resolve_recipe(recipe)
         if recipe == "tutorial":
             say(
                 f"GPU found ({torch.cuda.get_device_name()}): using the tutorial's recipe "
@@ -138,8 +182,6 @@ def train(
                 "backbone, tuned for 2 cores; see BENCHMARKS.md). --recipe tutorial runs the "
                 "tutorial's ResNet-50 recipe instead."
             )
-    if recipe not in RECIPES:
-        raise DetfitError(f"unknown recipe {recipe!r}; choose auto, {', '.join(RECIPES)}")
     base = load_settings(config) if config else recipe_config(recipe).to_dict()
     base.pop("out", None)  # a run's own config.yaml names its folder: start a new one
     settings = merge_settings(base, given, set_)
@@ -210,15 +252,19 @@ def plot(
     runs: Annotated[
         list[Path], typer.Argument(metavar="RUN...", help="Run folders (or their metrics.csv).")
     ],
-    out: Annotated[
+    file: Annotated[
         Path | None,
-        typer.Option(help="Image file to write (default: compare.png in the runs' folder)."),
+        typer.Option(
+            "--file",
+            metavar="FILE",
+            help="Image file to write (default: compare.png in the runs' folder).",
+        ),
     ] = None,
 ) -> None:
     """Loss and AP curves per epoch of one or several runs on one figure, to compare them."""
     from detfit.plots.curves import plot_run_folders
 
-    typer.echo(f"wrote {plot_run_folders(runs, out)}")
+    typer.echo(f"wrote {plot_run_folders(runs, file)}")
 
 
 @app.command()
@@ -296,9 +342,14 @@ def export(
     format_: Annotated[
         str, typer.Option("--format", help="onnx or torchscript (not needed with --strip).")
     ] = "onnx",
-    out: Annotated[
+    file: Annotated[
         Path | None,
-        typer.Option(help="Output file (default beside the checkpoint: .onnx/.torchscript.pt)."),
+        typer.Option(
+            "--file",
+            metavar="FILE",
+            help="File to write (default beside the checkpoint: .onnx / .torchscript.pt; "
+            "with --strip it is required).",
+        ),
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     images: Annotated[
@@ -318,13 +369,13 @@ def export(
     from detfit.export import ParityError, export_model, strip_checkpoint
 
     if strip:
-        if out is None:
-            raise DetfitError("--strip needs --out FILE.pt")
-        path, before, after = strip_checkpoint(checkpoint, out)
+        if file is None:
+            raise DetfitError("--strip needs --file FILE.pt")
+        path, before, after = strip_checkpoint(checkpoint, file)
         typer.echo(f"wrote {path}: {after / 2**20:.1f} MiB (was {before / 2**20:.1f} MiB)")
         return
     try:
-        path, report = export_model(checkpoint, format_, out, opset, images, check, log=typer.echo)
+        path, report = export_model(checkpoint, format_, file, opset, images, check, log=typer.echo)
     except ParityError as exc:
         typer.echo(f"detfit: parity check failed: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -357,9 +408,10 @@ DatasetArg = Annotated[
 @data_app.command("check")
 def data_check(
     dataset: DatasetArg,
-    images: Annotated[
-        bool, typer.Option(help="Open every image (--no-images: annotations only).")
-    ] = True,
+    split: Split = None,
+    annotations_only: Annotated[
+        bool, typer.Option(help="Check the annotations only, without opening the images.")
+    ] = False,
     quick: Annotated[
         bool,
         typer.Option(help="Read image headers only (size, mode, EXIF), not every pixel."),
@@ -367,22 +419,29 @@ def data_check(
 ) -> None:
     """Counts per class, sizes, and every problem with its file; exit 1 if training would fail.
 
-    Every image is decoded in full (a truncated file is an error), as training reads it."""
+    Every split the dataset names is checked (--split: only that one); every image is decoded in
+    full (a truncated file is an error), as training reads it."""
     from tqdm.auto import tqdm
 
     from detfit.data import DatasetSpec, check, summary
 
     spec = DatasetSpec.parse(dataset)
     splits = [s for s in ("train", "val", "test") if getattr(spec, s) is not None]
+    if split is not None:
+        if split not in splits:
+            raise DetfitError(f"{dataset}: no {split} split (it has {', '.join(splits)})")
+        splits = ["train", split] if split != "train" else ["train"]  # train gives the classes
     classes = None
     fatal = repaired = 0
-    for split in splits:
-        annotations = spec.read(split, classes)
+    for name in splits:
+        annotations = spec.read(name, classes)
         classes = classes or annotations.classes
-        typer.echo(f"[{split}] " + "\n".join(summary(annotations)))
+        if split is not None and name != split:
+            continue
+        typer.echo(f"[{name}] " + "\n".join(summary(annotations)))
         problems = check(
             annotations,
-            images,
+            not annotations_only,
             lambda it, total: tqdm(it, total=total, desc="checking", leave=False),
             decode=not quick,
         )
@@ -443,25 +502,28 @@ def data_convert(
 
 @data_app.command("example")
 def data_example(
-    out: Annotated[Path, typer.Argument(help="Folder to write the examples into.")],
-    images: Annotated[int, typer.Option(help="Number of images.")] = 24,
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the examples into.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of images.")] = 24,
 ) -> None:
     """Write one small synthetic 3-class dataset in every format (COCO, VOC, YOLO, YOLO-seg, masks)."""
     from detfit.data.synthetic import write_all_formats
 
-    for name, path in write_all_formats(out, num_images=images).items():
+    for name, path in write_all_formats(out, num_images=n).items():
         fmt = name.removesuffix("-seg")
         typer.echo(f"{name:9s} detfit data check {fmt}:{path}")
 
 
 @app.command()
-def settings() -> None:
-    """Every setting (config.yaml key, --set KEY=VALUE) with its type, default and meaning."""
-    from detfit.config import settings_table
+def settings(recipe: Recipe = "auto") -> None:
+    """Every setting (config.yaml key, --set KEY=VALUE) with its type, the value the recipe gives
+    it (by default the recipe `detfit train` would use on this machine) and its meaning."""
+    from detfit.config import resolve_recipe, settings_table
 
-    rows = settings_table()
+    name = resolve_recipe(recipe)
+    rows = settings_table(name)
+    typer.echo(f"recipe {name}" + (" (auto on this machine)" if recipe == "auto" else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    header = zip(("setting", "type", "default"), widths)
+    header = zip(("setting", "type", name), widths)
     typer.echo("  ".join(f"{h:{w}}" for h, w in header) + "  meaning")
     for row in rows:
         typer.echo("  ".join(f"{v:{w}}" for v, w in zip(row, widths)) + f"  {row[3]}")

@@ -221,10 +221,14 @@ class TrainConfig(BaseModel):
     )
     weights: str | None = Field(
         "default",
-        description="detector weights: default (the model's), DEFAULT, an enum name, a .pth, none",
+        description="detector weights: default (lowercase: what detfit's registry picks for this "
+        "model, e.g. none for a backbone swap), DEFAULT (torchvision's best enum member), an enum "
+        "name, a .pth file, or none",
     )
     weights_backbone: str | None = Field(
-        "default", description="backbone weights: default, an enum name, a .pth file, or none"
+        "default",
+        description="backbone weights: default (the registry's pick, e.g. IMAGENET1K_V1), "
+        "DEFAULT (torchvision's best), an enum name, a .pth file, or none",
     )
     model_options: ModelOptions = Field(
         default_factory=dict, description="model options (see below and README 'Models')"
@@ -342,7 +346,10 @@ class TrainConfig(BaseModel):
         from detfit.models.registry import MODELS
 
         if name not in MODELS:
-            raise ValueError(f"not a model detfit builds{did_you_mean(name, list(MODELS))}")
+            raise ValueError(
+                f"not a model detfit builds{did_you_mean(name, list(MODELS))}; "
+                "`detfit models` lists them"
+            )
         return name
 
     @field_validator("recipe")
@@ -579,10 +586,22 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def recipe_config(name: str, **overrides: Any) -> TrainConfig:
-    """A TrainConfig for recipe ``name`` with ``overrides`` merged on top (see merge_settings)."""
+def resolve_recipe(name: str) -> str:
+    """``auto`` as ``detfit train`` reads it (``tutorial`` when CUDA is present, else ``cpu``);
+    any other name checked against RECIPES. The one place a recipe name is validated."""
+    if name == "auto":
+        import torch
+
+        return "tutorial" if torch.cuda.is_available() else "cpu"
     if name not in RECIPES:
-        raise DetfitError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+        raise SettingsError(f"recipe={name!r}: {one_of(name, ['auto', *RECIPES])}")
+    return name
+
+
+def recipe_config(name: str, **overrides: Any) -> TrainConfig:
+    """A TrainConfig for recipe ``name`` (``auto`` included) with ``overrides`` merged on top (see
+    merge_settings)."""
+    name = resolve_recipe(name)
     data = merge_settings(RECIPES[name], overrides)
     data["recipe"] = name
     return TrainConfig.from_dict(data, f"recipe {name}")
@@ -621,15 +640,19 @@ def _num(value: float) -> str:
     return str(value) if isinstance(value, int) and value < 10**6 else f"{value:g}"
 
 
-def settings_table() -> list[tuple[str, str, str, str]]:
-    """(name, type, default, meaning) for every setting, then every known model option."""
+def settings_table(recipe: str | None = None) -> list[tuple[str, str, str, str]]:
+    """(name, type, value, meaning) for every setting, then every known model option. The value is
+    the one recipe ``recipe`` gives (``auto``: the recipe ``detfit train`` would use here), or
+    TrainConfig's plain default; a model option the recipe does not set shows ``-``."""
+    cfg = recipe_config(recipe).to_dict() if recipe else TrainConfig().to_dict()
     schema = TrainConfig.model_json_schema()
     rows = []
     for name, prop in schema["properties"].items():
         kind = "mapping" if name == "model_options" else _schema_type(prop)
-        default = TrainConfig.model_fields[name].get_default(call_default_factory=True)
-        rows.append((name, kind, "null" if default is None else str(default), prop["description"]))
+        value = cfg[name] if name != "model_options" else {}
+        rows.append((name, kind, "null" if value is None else str(value), prop["description"]))
     options = schema["$defs"]["ModelOptions"]["properties"]
     for name, prop in options.items():
-        rows.append((f"model_options.{name}", _schema_type(prop), "-", prop["description"]))
+        value = str(cfg["model_options"][name]) if name in cfg["model_options"] else "-"
+        rows.append((f"model_options.{name}", _schema_type(prop), value, prop["description"]))
     return rows
