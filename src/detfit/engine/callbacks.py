@@ -94,8 +94,9 @@ class EMA(Callback):
 
 class Checkpointer(Callback):
     """``last.pt`` every ``every_iters`` steps, after every epoch and on an interrupt; ``best.pt``
-    whenever the epoch's metric beats the best so far. Runs on every rank (the save gathers
-    every rank's RNG state); rank 0 writes."""
+    (what prediction and export need, no optimizer state) whenever the epoch's metric beats
+    :attr:`best`, the best so far, which the checkpoints carry. Runs on every rank (the save
+    gathers every rank's RNG state); rank 0 writes."""
 
     def __init__(self, every_iters: int | None = None) -> None:
         self.every_iters = every_iters
@@ -109,11 +110,16 @@ class Checkpointer(Callback):
         ):
             trainer.save_checkpoint("last.pt")
 
+    def on_train_start(self, trainer: Trainer) -> None:
+        # a resumed run whose checkpoint predates this state still knows its best epoch
+        scores = [row[trainer.metric_key] for row in trainer.history if trainer.metric_key in row]
+        self.best = max([self.best, *scores])
+
     def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        self.best = max(self.best, row[trainer.metric_key])
         # best.pt before last.pt: a kill between the two must not lose the best epoch
-        if is_new_best(trainer.history, trainer.metric_key):
-            trainer.save_checkpoint("best.pt")
+        if row[trainer.metric_key] > self.best:
+            self.best = row[trainer.metric_key]
+            trainer.save_checkpoint("best.pt", resumable=False)
         trainer.save_checkpoint("last.pt")
 
     def on_interrupt(self, trainer: Trainer, reason: str) -> None:

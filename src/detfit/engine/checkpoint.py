@@ -16,6 +16,15 @@ from detfit.fileio import atomic_write
 RUN_FILES = ("config.yaml", "metrics.csv", "metrics.json", "last.pt", "best.pt")
 
 
+# What eval, predict and export read from a checkpoint: the evaluated weights (EMA's when on), the
+# model's description and the settings (``detfit export --strip`` keeps these alone).
+INFERENCE_KEYS = ("model", "model_info", "config", "history", "metric_key")
+# best.pt also keeps the raw training weights (beside EMA's) and where it was taken, but not the
+# optimizer, schedule, RNG or sampler state, which only last.pt needs to continue a run: about
+# a third of last.pt's size with AdamW, whose two moments per weight dominate it.
+BEST_KEYS = (*INFERENCE_KEYS, "train_model", "epoch", "global_step")
+
+
 def holds_run(folder: Path) -> bool:
     """True when ``folder`` has any of a run's files (so starting a run there would replace it)."""
     return any((Path(folder) / name).exists() for name in RUN_FILES)

@@ -43,6 +43,7 @@ from detfit.engine.callbacks import (
     write_metrics,
 )
 from detfit.engine.checkpoint import (
+    BEST_KEYS,
     RUN_FILES,
     holds_run,
     load_checkpoint,
@@ -248,13 +249,17 @@ class Trainer:
     def minutes(self) -> float:
         return (self.seconds_before + time.perf_counter() - self._t0) / 60
 
-    def save_checkpoint(self, name: str) -> Path:
+    def save_checkpoint(self, name: str, resumable: bool = True) -> Path:
         """Write ``run_dir/name`` with everything needed to continue from this very step (every
-        rank's RNG state included: call it on every rank). Returns the path."""
+        rank's RNG state included: call it on every rank), or with ``resumable=False`` only what
+        prediction and export need (BEST_KEYS: no optimizer state). Returns the path."""
         rngs = distributed.gather_to_main(rng_state())
         path = self.run_dir / name
         if distributed.is_main():
-            save_checkpoint(path, self._payload(rngs))
+            payload = self._payload(rngs)
+            if not resumable:
+                payload = {k: payload[k] for k in BEST_KEYS if k in payload}
+            save_checkpoint(path, payload)
         distributed.barrier()
         self._fire("on_checkpoint", path)
         return path

@@ -24,7 +24,6 @@ REFUSED = {
     ("ssdlite", "onnx"): "SSDlite's ONNX graph decodes boxes 17-33 px away from eager torch at "
     "every input size (scores agree); use --format torchscript",
 }
-KEEP_KEYS = ("model", "model_info", "config", "history", "metric_key")
 MIN_IMAGES = 4
 
 
@@ -53,8 +52,10 @@ def _load(source: str | Path) -> tuple[Path, dict[str, Any]]:
 def strip_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, int, int]:
     """Keep what eval/predict/export need (weights, model_info, config); drop optimizer state,
     schedules, RNG and EMA's raw weights. Returns (out, bytes before, bytes after)."""
+    from detfit.engine.checkpoint import INFERENCE_KEYS
+
     path, ckpt = _load(source)
-    small = {k: ckpt[k] for k in KEEP_KEYS if k in ckpt}
+    small = {k: ckpt[k] for k in INFERENCE_KEYS if k in ckpt}
     out = Path(out)
     atomic_write(out, lambda f: torch.save(small, f))
     return out, path.stat().st_size, out.stat().st_size
