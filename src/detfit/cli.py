@@ -53,6 +53,7 @@ def _root(
 ) -> None:
     """Fine-tune torchvision detection and instance-segmentation models."""
 
+
 DataRoot = Annotated[
     Path | None,
     typer.Option("--data-root", help="Folder holding PennFudanPed (or PennFudanPed itself)."),
