@@ -1,4 +1,4 @@
-"""The COCO metric's two backends timed on one synthetic validation set (issue #12, point 4).
+"""The COCO metric's two backends timed on one synthetic validation set.
 
     python benchmarks/coco_metric_speed.py --images 5000
 

@@ -5,7 +5,7 @@ s/image and peak RSS, and whether it reaches the target (bbox AP >= 0.60, segm A
     python benchmarks/cpu_recipe.py --data-root ../shared/data/PennFudanPed --out runs/bench-cpu
     python benchmarks/cpu_recipe.py --from-run runs/bench-cpu      # print an existing run
     python benchmarks/cpu_recipe.py --data-root ... --seed 1        # another training seed
-    python benchmarks/cpu_recipe.py --data-root ... --plain         # issue #12's speed-ups off
+    python benchmarks/cpu_recipe.py --data-root ... --plain         # the speed-ups off
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument(
         "--plain",
         action="store_true",
-        help="switch issue #12's speed-ups off (SPEED_UPS_OFF): the recipe as it ran before them",
+        help="switch the speed-ups off (SPEED_UPS_OFF): the recipe as it ran before them",
     )
     args = parser.parse_args()
     if args.from_run:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issues #12 and #13 in one go, on a CUDA machine where `python` imports detfit:
+# The GPU checks in one go, on a CUDA machine where `python` imports detfit:
 #   bash benchmarks/gpu_checks.sh PATH/TO/PennFudanPed 2>&1 | tee gpu.log
 # CUDA tests (training with and without AMP, resume, predict, 1-GPU torchrun with nccl), the
 # scale-out benchmark on one GPU, and the references' loop vs detfit's Trainer on the tutorial's

@@ -13,7 +13,7 @@ references set it, then accumulate + summarize). Side "detfit" is ``detfit.Train
 settings: the same model (built by the same builder with the same options), optimizer, batch size,
 loader processes, threads, images (detfit's seeded split for both), warm-up and seed; one epoch of
 ``--iters`` iterations, then the evaluation of ``--eval-images`` test images. With ``--plain`` a
-third side, "plain", runs the Trainer with issue #12's speed-ups switched off
+third side, "plain", runs the Trainer with the speed-ups switched off
 (``detfit.config.SPEED_UPS_OFF``), so one run also shows what they bring.
 
 Each side runs in a fresh child process per round, and rounds interleave (refs, detfit, refs, ...),

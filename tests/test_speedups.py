@@ -1,4 +1,4 @@
-"""The speed-ups (issue #12) against the plain path: FrozenBatchNorm folding, channels_last, the
+"""The speed-ups against the plain path: FrozenBatchNorm folding, channels_last, the
 sparse RoIAlign (also tests/test_roi_align.py) and the fused optimizer step each keep the
 outputs, within the stated floating-point tolerances."""
 

@@ -200,7 +200,7 @@ def one_of(name: str, choices: Sequence[str]) -> str:
 EvalBackend = Literal["faster-coco-eval", "pycocotools"]
 # Memory layouts for the model's 4-D weights and activations (detfit.models.speedups).
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
-# The settings of issue #12's speed-ups, at the values that switch each off (the plain path).
+# The speed-up settings (models.speedups), at the values that switch each off (the plain path).
 # Each keeps the model's function, so a run may change them on resume.
 SPEED_UPS_OFF: dict[str, Any] = {
     "fold_frozen_bn": False,

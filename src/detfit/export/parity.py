@@ -1,5 +1,5 @@
 """Eager vs exported detections, matched detection by detection (never by index: equal scores
-may come out in another order), with the issue's tolerances: same labels, boxes within 1e-2 px,
+may come out in another order), with these tolerances: same labels, boxes within 1e-2 px,
 scores within 1e-3, mask IoU >= 0.99."""
 
 from __future__ import annotations

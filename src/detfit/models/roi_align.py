@@ -2,7 +2,7 @@
 
 torchvision's CPU kernel for RoIAlign's backward pass runs on one thread and recomputes every
 bilinear weight for every channel; on the CPU recipe it took ~10% of a training iteration
-(BENCHMARKS.md, issue #12). Here the pooling is written as what it is, a linear map: each output
+(BENCHMARKS.md). Here the pooling is written as what it is, a linear map: each output
 bin is a weighted sum of at most ``(2 * sampling_ratio) ** 2`` feature pixels, the same weights
 for every channel. Those weights form a sparse matrix ``S`` (rows: RoI bins, columns: pixels);
 the forward pass is ``S @ features`` and the backward pass, which autograd derives, is

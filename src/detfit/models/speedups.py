@@ -1,6 +1,6 @@
 """Ways to run a model faster that keep its function: FrozenBatchNorm folded into the convolution
 before it, the channels_last memory format, and RoIAlign as a sparse matrix product
-(``models.roi_align``) (issue #12, measured in BENCHMARKS.md).
+(``models.roi_align``), measured in BENCHMARKS.md.
 
 None changes a state dict's keys, the recorded structure (``models.structure``) or which
 parameters train, so checkpoints rebuild as the plain torchvision model (predict, export) and a
