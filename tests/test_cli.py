@@ -236,6 +236,21 @@ def test_eval_prints_the_stats(trained_run, tmp_path):
             assert value == row[f"{iou_type}_{name}"], (iou_type, name)
 
 
+def test_a_run_folder_means_best_pt(trained_run, tmp_path):
+    """eval, predict and export read the same file of a run folder: best.pt."""
+    from detfit.engine.checkpoint import run_checkpoint
+    from detfit.eval.saved import default_plots_dir
+    from detfit.predict.backends import model_file
+
+    run_dir, _ = trained_run
+    assert run_checkpoint(run_dir) == model_file(run_dir) == run_dir / "best.pt"
+    assert default_plots_dir(run_dir) == run_dir / "eval-best"
+    json_out = tmp_path / "stats.json"
+    invoke("eval", run_dir, "--json", json_out, "--no-plots")
+    row = json.loads((run_dir / "metrics.json").read_text())[0]
+    assert json.loads(json_out.read_text())["segm"]["AP"] == row["segm_AP"]
+
+
 def write_image(path: Path, height: int, width: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 80, (height, width, 3), dtype=np.uint8)

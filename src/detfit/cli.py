@@ -193,7 +193,12 @@ def train(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Annotated[Path, typer.Argument(help="A .pt checkpoint or a run folder.")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CHECKPOINT", help="A .pt checkpoint or a run folder (its best.pt)."
+        ),
+    ],
     data_root: DataRoot = None,
     data: Annotated[
         str | None,
@@ -339,7 +344,12 @@ def _default_predict_out() -> Path:
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="A .pt checkpoint or a run folder.")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CHECKPOINT", help="A .pt checkpoint or a run folder (its best.pt)."
+        ),
+    ],
     format_: Annotated[
         str, typer.Option("--format", help="onnx or torchscript (not needed with --strip).")
     ] = "onnx",

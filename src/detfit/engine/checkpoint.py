@@ -35,6 +35,18 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
     atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
+def run_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a path means to eval, predict and export: a run folder means its best.pt
+    (last.pt before any epoch was best); a file is itself. ``--resume`` alone reads last.pt."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise DetfitError(f"{path}: no best.pt or last.pt in this folder")
+    return path
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A detfit checkpoint, loaded with ``weights_only=True`` (no code runs from the file)."""
     path = Path(path)

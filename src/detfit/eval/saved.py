@@ -43,13 +43,13 @@ def evaluate_checkpoint(
     """
     from detfit.config import TrainConfig
     from detfit.engine.builders import build_datasets, build_loaders
-    from detfit.engine.checkpoint import load_checkpoint
+    from detfit.engine.checkpoint import load_checkpoint, run_checkpoint
     from detfit.models import rebuild_model
     from detfit.models.speedups import speed_up
 
     if backend is not None:
         check_backend(backend, "--backend")  # before the (slow) checkpoint is read
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(run_checkpoint(checkpoint))
     cfg = TrainConfig.from_dict(ckpt["config"], str(checkpoint))
     if data_root:
         cfg.data_root = str(data_root)
@@ -110,10 +110,12 @@ def evaluate_checkpoint(
 
 
 def default_plots_dir(checkpoint: str | Path) -> Path:
-    """``eval-<name>`` beside the checkpoint scored (a run folder: beside its last.pt, which
-    load_checkpoint reads), e.g. ``runs/x/eval-best/``."""
-    path = Path(checkpoint)
-    return path / "eval-last" if path.is_dir() else path.parent / f"eval-{path.stem}"
+    """``eval-<name>`` beside the checkpoint scored (a run folder: its best.pt, or last.pt before
+    any epoch was best), e.g. ``runs/x/eval-best/``."""
+    from detfit.engine.checkpoint import run_checkpoint
+
+    path = run_checkpoint(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint)
+    return path.parent / f"eval-{path.stem}"
 
 
 def stats_report(result: EvaluationResult) -> dict[str, dict[str, float]]:

@@ -77,13 +77,10 @@ class OnnxRunner:
 
 
 def model_file(path: str | Path) -> Path:
-    """A run folder means its best.pt (last.pt when no epoch was best yet)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise DetfitError(f"{path}: no best.pt or last.pt in this folder")
+    """A run folder means its best.pt (last.pt when no epoch was best yet), as for eval."""
+    from detfit.engine.checkpoint import run_checkpoint
+
+    path = run_checkpoint(path)
     if not path.is_file():
         raise DetfitError(f"{path}: model file not found")
     return path
