@@ -65,25 +65,24 @@ def run_config(synthetic_root: Path, out: Path) -> TrainConfig:
 
 
 def fit_until_second_evaluation(monkeypatch, cfg) -> None:
-    """``fit(cfg)`` with epoch 2's evaluation "crashing": leaves a run folder at epoch 0."""
-    import detfit.engine.trainer as trainer_module
-    from detfit.engine import fit
+    """``fit(cfg)`` "crashing" in epoch 2's evaluation (a callback raising in on_evaluation, before
+    the epoch's checkpoint): leaves a run folder whose last.pt ends epoch 1."""
+    from detfit.engine import Callback, fit
 
-    class Interrupted(Exception):
+    class Crashed(Exception):
         pass
 
-    real_evaluate, calls = trainer_module.evaluate, []
+    class CrashOnSecondEvaluation(Callback):
+        def __init__(self) -> None:
+            self.evaluations = 0
 
-    def evaluate_then_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # epoch 2 trained, its evaluation "crashes"
-            raise Interrupted
-        return real_evaluate(*args, **kwargs)
+        def on_evaluation(self, trainer, result) -> None:
+            self.evaluations += 1
+            if self.evaluations == 2:
+                raise Crashed
 
-    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_stop)
-    with pytest.raises(Interrupted):
-        fit(cfg, progress=False, log=lambda s: None)
-    monkeypatch.setattr(trainer_module, "evaluate", real_evaluate)
+    with pytest.raises(Crashed):
+        fit(cfg, progress=False, log=lambda s: None, callbacks=[CrashOnSecondEvaluation()])
 
 
 @pytest.fixture(autouse=True)
