@@ -142,6 +142,7 @@ def train(
         raise DetfitError(f"unknown recipe {recipe!r}; choose auto, {', '.join(RECIPES)}")
     base = load_settings(config) if config else recipe_config(recipe).to_dict()
     base.pop("out", None)  # a run's own config.yaml names its folder: start a new one
+    base.pop("run_id", None)  # and its id: the new run gets its own
     settings = merge_settings(base, given, set_)
     cfg = TrainConfig.from_dict(settings, str(config) if config else "")
     run_dir = Trainer(cfg, overwrite=overwrite, progress=not quiet).fit()
@@ -500,7 +501,7 @@ def main() -> None:
     """Console entry point: user errors are one line (one per problem) on stderr, exit code 2;
     a stopped run one line saying how to resume, with 128 + the signal's number."""
     from detfit.distributed import env_is_main
-    from detfit.errors import Interrupted
+    from detfit.errors import Interrupted, RunRefused
 
     try:
         app()
@@ -509,6 +510,8 @@ def main() -> None:
             typer.echo(f"detfit: {exc}", err=True)
         sys.exit(exc.exit_code)
     except DetfitError as exc:
+        if isinstance(exc, RunRefused) and not env_is_main():
+            sys.exit(exc.exit_code)  # rank 0 says it, once for the whole torchrun job
         for line in user_message(exc).splitlines() or [type(exc).__name__]:
             typer.echo(f"detfit: error: {line}", err=True)
         sys.exit(exc.exit_code)

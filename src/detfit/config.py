@@ -334,6 +334,11 @@ class TrainConfig(BaseModel):
         None, description="recorded by the run: set by the launch, not by you"
     )
     out: str | None = Field(None, description="run folder; None: runs/<model>[-N]")
+    run_id: str | None = Field(
+        None,
+        description="recorded by the run: a new id when it starts, in config.yaml and every "
+        "checkpoint (--resume refuses a last.pt of another run)",
+    )
     recipe: str = Field("tutorial", description="the recipe these settings started from")
 
     @field_validator("model")
