@@ -259,6 +259,9 @@ def predict(
     ] = None,
     device: Device = "auto",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the outputs of an earlier prediction in --out.")
+    ] = False,
 ) -> None:
     """Draw masks, boxes, classes and scores; write <name>.png and <name>.json per image (videos:
     <name>.mp4 and <name>.jsonl per frame). Unusable inputs are one line each; exit 1 if any."""
@@ -275,6 +278,7 @@ def predict(
         device=device,
         coco_json=coco_json,
         image_ids=image_ids,
+        overwrite=overwrite,
         progress=not quiet,
         log=lambda line: typer.echo(line, err=True),
     )
