@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from detfit.data.detection import MIN_BOX_SIZE
-from detfit.data.images import decode_check, read_header
+from detfit.data.images import DEFAULT_MAX_PIXELS, check_pixels, decode_check, read_header
 from detfit.data.records import AnnotatedSet, ImageRecord, Problem
 from detfit.errors import DetfitError
 
@@ -55,7 +55,10 @@ def _far_outside(polygons: list[list[float]], width: int, height: int) -> bool:
 
 
 def check_record(
-    record: ImageRecord, read_images: bool = True, decode: bool = True
+    record: ImageRecord,
+    read_images: bool = True,
+    decode: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[Problem]:
     """Problems of one image and its annotations. ``decode``: every pixel is decoded, so a
     truncated or corrupt file is found here rather than in the middle of an epoch."""
@@ -65,6 +68,7 @@ def check_record(
     if read_images:
         try:
             header = read_header(record.path)
+            check_pixels(record.path, header.width, header.height, max_pixels)
             if decode:
                 decode_check(record.path)
         except DetfitError as exc:
@@ -153,6 +157,7 @@ def check(
     *,
     decode: bool = True,
     workers: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[Problem]:
     """Every problem of a split: those found while reading it, then per image (in order).
 
@@ -161,7 +166,7 @@ def check(
     """
     problems = list(annotations.problems)
     records = annotations.images
-    one = partial(check_record, read_images=read_images, decode=decode)
+    one = partial(check_record, read_images=read_images, decode=decode, max_pixels=max_pixels)
     threads = workers or min(8, os.cpu_count() or 1)
     if read_images and decode and threads > 1 and len(records) >= PARALLEL_FROM:
         with ThreadPoolExecutor(threads) as pool:
@@ -226,11 +231,12 @@ def validate(
     spec_text: str,
     log: Callable[[str], None] = print,
     progress: Progress | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Training's check: one line per repaired problem (up to 20), DetfitError on a fatal one."""
     if progress is None:
         progress = _progress_bar
-    problems = [p for s in sets for p in check(s, progress=progress)]
+    problems = [p for s in sets for p in check(s, progress=progress, max_pixels=max_pixels)]
     fatal = [p for p in problems if p.fatal]
     if fatal:
         more = (
