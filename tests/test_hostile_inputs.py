@@ -5,6 +5,7 @@ Ultralytics export. Each refusal is one stderr line, exit 2, no MemoryError."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -189,3 +190,56 @@ def test_a_roboflow_export_trains(tmp_path, monkeypatch, capsys):
     assert code in (None, 0), err
     cfg = TrainConfig.load(tmp_path / "run" / "config.yaml")
     assert cfg.dataset == f"yolo:{data_yaml}"
+
+
+def test_a_set_without_one_usable_object_is_an_error(tmp_path, monkeypatch, capsys):
+    yolo = write_all_formats(tmp_path / "demo", num_images=6)["yolo"].parent
+    for label in (yolo / "labels").rglob("*.txt"):
+        label.write_text("")
+    args = [*TRAIN, "--data", f"yolo:{yolo / 'data.yaml'}", "--out", tmp_path / "run"]
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2 and err.count("\n") == 1
+    assert "no usable object to train on in 6 images (every label/annotation is empty)" in err
+    assert not (tmp_path / "run").exists()
+    # COCO polygons of 2 points: masks of nothing
+    coco = write_all_formats(tmp_path / "seg", num_images=6)["coco"]
+    data = json.loads(coco.read_text())
+    for ann in data["annotations"]:
+        ann["segmentation"], ann["iscrowd"] = [[1, 1, 5, 5]], 0
+    coco.write_text(json.dumps(data))
+    code, out, _ = run_main(monkeypatch, capsys, "data", "check", f"coco:{coco}")
+    assert code == 1 and "degenerate boxes or polygons under 3 points" in out
+
+
+def test_a_file_name_that_is_not_utf8_fails_in_data_check(tmp_path, monkeypatch, capsys):
+    masks = write_all_formats(tmp_path / "demo", num_images=4)["masks"]
+    first = sorted((masks / "images").glob("*.png"))[0]
+    odd = first.with_name(os.fsdecode(b"caf\xe9") + first.suffix)  # Latin-1 bytes
+    first.rename(odd)
+    (masks / "masks" / first.name).rename(masks / "masks" / odd.name)
+    code, out, _ = run_main(monkeypatch, capsys, "data", "check", f"masks:{masks}")
+    assert code == 1 and "caf\\udce9.png: error: file name is not valid UTF-8" in out
+
+
+def test_run_folders_record_absolute_data_paths(tmp_path, monkeypatch, capsys):
+    coco = write_all_formats(tmp_path / "demo", num_images=6)["coco"]
+    monkeypatch.chdir(tmp_path)
+    options = json.dumps({**TINY, **FAST_EVAL})
+    args = ["train", "--model", "fasterrcnn_mobilenet_v2_fpn", "--weights", "none", "--quiet"]
+    args += ["--weights-backbone", "none", "--recipe", "tutorial", "--epochs", "1"]
+    args += ["--data", "coco:demo/coco/annotations.json,val=demo/coco/annotations.json"]
+    args += ["--workers", "0", "--out", "run", "--set", "max_iters_per_epoch=1"]
+    args += ["--set", "plots=false", "--set", f"model_options={options}"]
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code in (None, 0), err
+    cfg = TrainConfig.load(tmp_path / "run" / "config.yaml")
+    assert cfg.dataset == f"coco:{coco},val={coco}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    stats = tmp_path / "stats.json"
+    code, out, err = run_main(
+        monkeypatch, capsys, "eval", tmp_path / "run", "--no-plots", "--json", stats
+    )
+    assert code in (None, 0), err
+    assert json.loads(stats.read_text())["bbox"]["AP"] >= 0

@@ -390,6 +390,7 @@ def data_check(
             images,
             lambda it, total: tqdm(it, total=total, desc="checking", leave=False),
             decode=not quick,
+            train=split == "train",
         )
         for problem in problems:
             typer.echo(f"  {problem}")

@@ -21,6 +21,7 @@ Without ``val``, a seeded split of ``train`` holds out ``num_test`` images (as t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,28 @@ class DatasetSpec:
                 f"{classes[1:]}"
             )
         return result
+
+
+PATH_OPTIONS = {"val", "test", "images", "val_images", "test_images"}
+
+
+def absolute_spec(text: str) -> str:
+    """``text`` with every path in it absolute (from the working folder, as :meth:`DatasetSpec.parse`
+    reads them): what a run folder records, so that ``detfit eval RUN`` finds the data from any
+    folder."""
+    if text.endswith((".yaml", ".yml")) and ":" not in text.split("/")[0]:
+        return os.path.abspath(text)
+    fmt, colon, rest = text.partition(":")
+    if not colon or not rest:
+        return text
+    path, *options = rest.split(",")
+    parts = [os.path.abspath(path) if path else path]
+    for option in options:
+        key, eq, value = option.partition("=")
+        if eq and key.strip() in PATH_OPTIONS and value.strip():
+            option = f"{key}={os.path.abspath(value.strip())}"
+        parts.append(option)
+    return f"{fmt}:{','.join(parts)}"
 
 
 def _resolve(base: Path, value: Any) -> Path:

@@ -11,6 +11,7 @@ about ranks live in :mod:`detfit.distributed`.
 
 from __future__ import annotations
 
+import os
 import random
 import shlex
 import time
@@ -24,6 +25,7 @@ import torch
 
 from detfit import distributed
 from detfit.config import RECIPES, SPEED_UPS_OFF, TrainConfig
+from detfit.data.spec import absolute_spec
 from detfit.engine.builders import (
     Datasets,
     build_datasets,
@@ -504,6 +506,9 @@ class Trainer:
         seed_everything(cfg.seed + 1000 * self.rank)  # each rank its own random stream
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
+        else:  # the run records where its data is from anywhere: eval RUN works from any folder
+            cfg.dataset = absolute_spec(cfg.dataset)
+            cfg.data_root = os.path.abspath(cfg.data_root) if cfg.data_root else None
         if distributed.is_main():  # only now, with data and model checked: a folder is made
             self._start_writing(cfg)
         distributed.barrier()
