@@ -418,6 +418,8 @@ class Trainer:
         if not cfg.out:
             return new_run_dir(cfg.model)
         run_dir = Path(cfg.out)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunRefused(f"--out {run_dir}: is a file; give a folder for the run")
         if run_dir.is_dir():
             self._lock(run_dir)
         if self._restarted_own_run(run_dir):  # torchrun restarted us: continue our own run

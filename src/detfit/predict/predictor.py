@@ -133,6 +133,11 @@ class Predictor:
         if self.keep_labels is not None:
             keep &= torch.isin(out["labels"], torch.tensor(sorted(self.keep_labels)))
         labels = out["labels"][keep].long()
+        if len(labels) and int(labels.max()) >= len(self.category_ids):
+            raise DetfitError(
+                f"{self.backend.path}: the model predicts class {int(labels.max())} but its "
+                f"metadata lists {len(self.classes)} classes (metadata of another model?)"
+            )
         names = [self.classes[v] if v < len(self.classes) else str(v) for v in labels.tolist()]
         masks = out.get("masks")
         if masks is not None:
