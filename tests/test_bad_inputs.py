@@ -452,3 +452,271 @@ def test_elastic_restarts_need_an_out_folder(ws, monkeypatch, capsys):
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "2")
     args = [a for a in TRAIN if a not in ("--out", "runs/new")]
     run_case(ws, monkeypatch, capsys, args, ["--max-restarts needs --out"])
+
+
+# ---------------------------------------------------------------- exported models, plots, predict
+
+
+def onnx_file(path: Path, metadata: str | None, outputs=("boxes", "labels", "scores")) -> None:
+    """A minimal ONNX graph (Identity nodes) with the given outputs and detfit metadata: enough
+    for ONNX Runtime to open it, which is where the metadata is read."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [3, None, None])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, None, None]) for n in outputs]
+    nodes = [helper.make_node("Identity", ["images"], [n]) for n in outputs]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], outs), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    if metadata is not None:
+        helper.set_model_props(model, {"detfit": metadata})
+    onnx.save(model, path)
+
+
+def torchscript_file(path: Path, metadata: str) -> None:
+    torch.jit.save(
+        torch.jit.script(torch.nn.Identity()), path, _extra_files={"detfit.json": metadata}
+    )
+
+
+GOOD_INFO = {"name": MODEL, "num_classes": 2, "classes": ["__background__", "person"]}
+BAD_METADATA = {
+    "not JSON": ("{name:", "not valid JSON"),
+    "a list": ("[1, 2]", "a list, not a mapping"),
+    "no name": (json.dumps({"num_classes": 2}), "no model name"),
+    "class count a word": (json.dumps({**GOOD_INFO, "num_classes": "two"}), "num_classes 'two'"),
+    "classes of another model": (
+        json.dumps({**GOOD_INFO, "classes": ["__background__", "a", "b"]}),
+        "classes is not a list of 2 names",
+    ),
+    "category ids not numbers": (
+        json.dumps({**GOOD_INFO, "category_ids": [0, "person"]}),
+        "category_ids is not a list of 2 integers",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def exports(ws) -> Path:
+    folder = ws / "exports"
+    folder.mkdir()
+    for n, (text, _) in enumerate(BAD_METADATA.values()):
+        onnx_file(folder / f"meta{n}.onnx", text)
+        torchscript_file(folder / f"meta{n}.torchscript.pt", text)
+    onnx_file(folder / "not_a_detector.onnx", json.dumps(GOOD_INFO), outputs=("y",))
+    onnx_file(folder / "no_metadata.onnx", None)
+    (ws / "plots").mkdir()
+    for name, text in {
+        "word_epoch": "epoch,bbox_AP\nabc,0.1\n",
+        "nan_epoch": "epoch,bbox_AP\nnan,nan\n",
+        "extra_cells": "epoch,bbox_AP\n1,0.1,5,6\n",
+    }.items():
+        (ws / "plots" / name).mkdir()
+        (ws / "plots" / name / "metrics.csv").write_text(text)
+    (ws / "settings" / "bomb.yaml").write_text(
+        "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdef", "bcdefg"))
+    )
+    (ws / "settings" / "data_bomb.yaml").write_text(
+        "format: coco\n" + (ws / "settings" / "bomb.yaml").read_text()
+    )
+    shutil.copytree(ws / "demo" / "yolo", ws / "yolo_empty")
+    for label in (ws / "yolo_empty" / "labels").rglob("*.txt"):
+        label.write_text("")
+    ids = ws / "ids"
+    ids.mkdir()
+    (ids / "no_name.json").write_text(json.dumps({"images": [{"id": 1}]}))
+    (ids / "word_id.json").write_text(json.dumps({"images": [{"id": "abc", "file_name": "a"}]}))
+    (ids / "not_a_list.json").write_text(json.dumps({"images": 5}))
+    return folder
+
+
+def _exported_cases() -> dict[str, tuple[list[str], list[str]]]:
+    cases = {}
+    for n, (case, (_, words)) in enumerate(BAD_METADATA.items()):
+        for kind, suffix in (("onnx", ".onnx"), ("torchscript", ".torchscript.pt")):
+            name = f"exports/meta{n}{suffix}"
+            cases[f"{kind} metadata {case}"] = (
+                ["predict", name, "demo/coco/images", "--out", "p"],
+                [name, "detfit metadata", words],
+            )
+    return cases
+
+
+PHOTOS = "demo/coco/images"
+FIRST = "demo/coco/images/img000.png"
+MATRIX_CASES = {
+    **_exported_cases(),
+    "onnx without detector outputs": (
+        ["predict", "exports/not_a_detector.onnx", PHOTOS, "--out", "p"],
+        ["not_a_detector.onnx", "without boxes/labels/scores"],
+    ),
+    "onnx without metadata": (
+        ["predict", "exports/no_metadata.onnx", PHOTOS, "--out", "p"],
+        ["no_metadata.onnx", "without detfit metadata"],
+    ),
+    "eval of an onnx file": (
+        ["eval", "exports/meta0.onnx"],
+        ["meta0.onnx: an exported model", "predict takes exports"],
+    ),
+    "export of a torchscript file": (
+        ["export", "exports/meta0.torchscript.pt"],
+        ["meta0.torchscript.pt: an exported model"],
+    ),
+    "plot epoch a word": (["plot", "plots/word_epoch"], ["word_epoch/metrics.csv", "'abc'"]),
+    "plot epoch nan": (["plot", "plots/nan_epoch"], ["nan_epoch/metrics.csv", "'nan'"]),
+    "plot cells beyond the header": (
+        ["plot", "plots/extra_cells"],
+        ["extra_cells/metrics.csv", "line 2 does not match the header"],
+    ),
+    "predict into its input folder": (
+        ["predict", "ckpts/good.pt", PHOTOS, "--out", PHOTOS],
+        [f"--out {PHOTOS}: is the input folder"],
+    ),
+    "predict into a folder holding an input": (
+        ["predict", "ckpts/good.pt", FIRST, "--out", "demo"],
+        ["--out demo: holds the input", "img000.png"],
+    ),
+    "coco results over an input image": (
+        ["predict", "ckpts/good.pt", FIRST, "--out", "p", "--coco-json", FIRST],
+        [f"--coco-json {FIRST}: is one of the inputs"],
+    ),
+    "coco results over the ground truth": (
+        [
+            "predict",
+            "ckpts/good.pt",
+            FIRST,
+            "--out",
+            "p",
+            "--coco-json",
+            "demo/coco/annotations.json",
+            "--image-ids",
+            "demo/coco/annotations.json",
+        ],
+        ["--coco-json demo/coco/annotations.json: is one of the inputs"],
+    ),  # fmt: skip
+    "predict into the folder of its input file": (
+        ["predict", "ckpts/good.pt", "settings/typo.yaml", "--out", "settings"],
+        ["--out settings: holds the input settings/typo.yaml"],
+    ),
+    "image ids without file_name": (
+        [
+            "predict",
+            "ckpts/good.pt",
+            FIRST,
+            "--out",
+            "p",
+            "--coco-json",
+            "r.json",
+            "--image-ids",
+            "ids/no_name.json",
+        ],
+        ["ids/no_name.json: images[0] has no file_name"],
+    ),  # fmt: skip
+    "image id a word": (
+        [
+            "predict",
+            "ckpts/good.pt",
+            FIRST,
+            "--out",
+            "p",
+            "--coco-json",
+            "r.json",
+            "--image-ids",
+            "ids/word_id.json",
+        ],
+        ["ids/word_id.json: images[0] (a): id 'abc' is not an integer"],
+    ),  # fmt: skip
+    "image ids not a list": (
+        [
+            "predict",
+            "ckpts/good.pt",
+            FIRST,
+            "--out",
+            "p",
+            "--coco-json",
+            "r.json",
+            "--image-ids",
+            "ids/not_a_list.json",
+        ],
+        ["ids/not_a_list.json: 'images' must be a list"],
+    ),  # fmt: skip
+    "score threshold nan": (
+        ["predict", "ckpts/good.pt", FIRST, "--out", "p", "--score-threshold", "nan"],
+        ["--score-threshold nan: must be between 0 and 1"],
+    ),
+    "score threshold negative": (
+        ["predict", "ckpts/good.pt", FIRST, "--out", "p", "--score-threshold", "-5"],
+        ["--score-threshold -5.0: must be between 0 and 1"],
+    ),
+    "a billion epochs": ([*TRAIN, "--epochs", "1000000000"], ["epochs=1000000000", "100000"]),
+    "a 60000-pixel resize": (
+        [*TRAIN, "--set", "model_options.min_size=60000"],
+        ["model_options.min_size=60000", "8192"],
+    ),
+    "a 60000-pixel cap": (
+        [*TRAIN, "--set", "model_options.max_size=60000"],
+        ["model_options.max_size=60000", "8192"],
+    ),
+    "max_pixels zero": ([*TRAIN, "--set", "max_pixels=0"], ["max_pixels=0"]),
+    "alias bomb in --config": (
+        [*TRAIN, "--config", "settings/bomb.yaml"],
+        ["settings/bomb.yaml: expands to more than 100000 values"],
+    ),
+    "deep nesting in --set": (
+        [*TRAIN, "--set", "lr=" + "[" * 3000 + "]" * 3000],
+        ["--set lr: nested more than 32 levels deep"],
+    ),
+    "alias bomb in a dataset file": (
+        [*TRAIN, "--data", "settings/data_bomb.yaml"],
+        ["settings/data_bomb.yaml: expands to more than 100000 values"],
+    ),
+    "alias bomb in data check": (
+        ["data", "check", "settings/data_bomb.yaml"],
+        ["settings/data_bomb.yaml: expands"],
+    ),
+    "labels all empty": (
+        [*TRAIN, "--data", "yolo:yolo_empty/data.yaml"],
+        ["yolo_empty", "no usable object to train on"],
+    ),
+    "out is a file": (
+        [*TRAIN[:3], "settings/typo.yaml", *TRAIN[4:], "--data-root", "pf"],
+        ["--out settings/typo.yaml: is a file; give a folder for the run"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MATRIX_CASES))
+def test_exports_plots_predictions_and_hostile_settings(ws, exports, monkeypatch, capsys, case):
+    args, named = MATRIX_CASES[case]
+    run_case(ws, monkeypatch, capsys, args, named)
+
+
+def test_resume_of_a_last_pt_from_another_run(ws, exports, monkeypatch, capsys):
+    run = ws / "runs" / "foreign"
+    if not run.exists():
+        good = torch.load(ws / "ckpts" / "good.pt", weights_only=True)
+        state = {"optimizer": {}, "scheduler": {}, "history": [], "epoch": 0}
+        save_checkpoint(run / "last.pt", {**good, **state})  # its config has no run id
+        cfg = TrainConfig.from_dict({**good["config"], "run_id": "a1b2c3d4e5f6a7b8"})
+        cfg.save(run / "config.yaml")
+    run_case(
+        ws, monkeypatch, capsys, ["train", "--resume", "runs/foreign"],
+        ["--resume runs/foreign: last.pt belongs to another run", "a1b2c3d4e5f6a7b8"],
+    )  # fmt: skip
+
+
+def test_a_run_folder_that_cannot_be_made(ws, monkeypatch, capsys):
+    real_mkdir = Path.mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self.name == "new":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    run_case(
+        ws, monkeypatch, capsys, [*TRAIN, "--data-root", "pf"],
+        ["cannot make the run folder runs/new", "Permission denied"],
+    )  # fmt: skip

@@ -139,6 +139,7 @@ def test_torchrun_trains_with_ddp_and_only_rank0_writes(synthetic_root, tmp_path
     ]
     assert load_checkpoint(out)["global_step"] == 4
     assert sorted(p.name for p in out.iterdir()) == [
+        ".detfit.lock",  # who writes the folder: rank 0 (see detfit.engine.runlock)
         "best.pt",
         "config.yaml",
         "confusion_matrix.png",

@@ -123,7 +123,7 @@ def test_settings_command_lists_every_setting(monkeypatch, capsys):
     assert set(TrainConfig.model_fields) <= names
     assert {"model_options.min_size", "model_options.trainable_backbone_layers"} <= names
     lines = {line.split()[0]: line for line in out.splitlines()}
-    assert "int >= 1" in lines["epochs"] and "10" in lines["epochs"]
+    assert "int in [1, 100000]" in lines["epochs"] and "10" in lines["epochs"]
     assert "float in [0, 1]" in lines["hflip_prob"]
     assert "sgd | adamw" in lines["optimizer"]
     assert "also write last.pt every N training iterations" in lines["checkpoint_every_iters"]

@@ -185,6 +185,7 @@ def train(
             )
     base = load_settings(config) if config else recipe_config(recipe).to_dict()
     base.pop("out", None)  # a run's own config.yaml names its folder: start a new one
+    base.pop("run_id", None)  # and its id: the new run gets its own
     settings = merge_settings(base, given, set_)
     cfg = TrainConfig.from_dict(settings, str(config) if config else "")
     run_dir = Trainer(cfg, overwrite=overwrite, progress=not quiet).fit()
@@ -310,6 +311,9 @@ def predict(
     ] = None,
     device: Device = "auto",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the outputs of an earlier prediction in --out.")
+    ] = False,
 ) -> None:
     """Draw masks, boxes, classes and scores; write <name>.png and <name>.json per image (videos:
     <name>.mp4 and <name>.jsonl per frame). Unusable inputs are one line each; exit 1 if any."""
@@ -326,6 +330,7 @@ def predict(
         device=device,
         coco_json=coco_json,
         image_ids=image_ids,
+        overwrite=overwrite,
         progress=not quiet,
         log=lambda line: typer.echo(line, err=True),
     )
@@ -455,6 +460,7 @@ def data_check(
             not annotations_only,
             lambda it, total: tqdm(it, total=total, desc="checking", leave=False),
             decode=not quick,
+            train=split == "train",
         )
         for problem in problems:
             typer.echo(f"  {problem}")
@@ -573,7 +579,7 @@ def main() -> None:
     """Console entry point: user errors are one line (one per problem) on stderr, exit code 2;
     a stopped run one line saying how to resume, with 128 + the signal's number."""
     from detfit.distributed import env_is_main
-    from detfit.errors import Interrupted
+    from detfit.errors import Interrupted, RunRefused
 
     try:
         app()
@@ -582,6 +588,8 @@ def main() -> None:
             typer.echo(f"detfit: {exc}", err=True)
         sys.exit(exc.exit_code)
     except DetfitError as exc:
+        if isinstance(exc, RunRefused) and not env_is_main():
+            sys.exit(exc.exit_code)  # rank 0 says it, once for the whole torchrun job
         for line in user_message(exc).splitlines() or [type(exc).__name__]:
             typer.echo(f"detfit: error: {line}", err=True)
         sys.exit(exc.exit_code)

@@ -50,6 +50,9 @@ Float = Annotated[float, BeforeValidator(_not_bool)]
 PositiveInt = Annotated[int, Strict(), Field(ge=1)]
 PositiveFloat = Annotated[float, BeforeValidator(_not_bool), Field(gt=0)]
 Fraction = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, le=1)]
+# Bounds on hostile or mistyped settings: a 60000-pixel side would allocate ~25 GB per image.
+MAX_IMAGE_SIDE = 8192
+ImageSide = Annotated[int, Strict(), Field(ge=1, le=MAX_IMAGE_SIDE)]
 
 
 @with_config(ConfigDict(extra="allow"))
@@ -58,13 +61,13 @@ class ModelOptions(TypedDict, total=False):
     is passed on unchecked here; the builder refuses a name the chosen model does not take."""
 
     min_size: Annotated[
-        PositiveInt | list[PositiveInt],
+        ImageSide | list[ImageSide],
         Field(
             description="short image side after resizing; a list: one at random per training "
             "image, the last in evaluation"
         ),
     ]
-    max_size: Annotated[PositiveInt, Field(description="cap on the long image side after resizing")]
+    max_size: Annotated[ImageSide, Field(description="cap on the long image side after resizing")]
     size: Annotated[
         Annotated[int, Strict(), Field(ge=32)], Field(description="SSDLite's square input size")
     ]
@@ -244,10 +247,15 @@ class TrainConfig(BaseModel):
         50, description="images held out for evaluation when the dataset gives no val/test split"
     )
     split_seed: Int = Field(0, description="seed of that held-out split")
+    max_pixels: PositiveInt = Field(
+        50_000_000,
+        description="images with more pixels are refused before decoding (a 12000x12000 PNG of "
+        "450 KB decodes to 432 MB and trains in 15 GB)",
+    )
     photometric: bool = Field(False, description="colour jitter while training")
     hflip_prob: Fraction = Field(0.5, description="probability of a horizontal flip in training")
     # optimisation (the tutorial's by default)
-    epochs: PositiveInt = Field(10, description="training epochs")
+    epochs: Annotated[PositiveInt, Field(le=100_000)] = Field(10, description="training epochs")
     max_iters_per_epoch: PositiveInt | None = Field(
         None, description="cut epochs short (smoke runs); None: whole epochs"
     )
@@ -338,6 +346,11 @@ class TrainConfig(BaseModel):
         None, description="recorded by the run: set by the launch, not by you"
     )
     out: str | None = Field(None, description="run folder; None: runs/<model>[-N]")
+    run_id: str | None = Field(
+        None,
+        description="recorded by the run: a new id when it starts, in config.yaml and every "
+        "checkpoint (--resume refuses a last.pt of another run)",
+    )
     recipe: str = Field("tutorial", description="the recipe these settings started from")
 
     @field_validator("model")
@@ -444,8 +457,10 @@ class TrainConfig(BaseModel):
 
 def load_settings(path: str | Path) -> dict[str, Any]:
     """A settings file as plain data, not yet validated (so that overrides can still fix it)."""
+    from detfit.yamlio import load_yaml
+
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml(Path(path).read_text(), str(path), SettingsError) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SettingsError(f"{path}: cannot read settings ({first})") from None
@@ -476,7 +491,10 @@ def _message(error: dict[str, Any]) -> str:
 
 
 def describe_errors(exc: ValidationError, data: dict[str, Any], source: str = "") -> str:
-    """One line per setting in error: ``key=value: what is allowed`` (union branches joined)."""
+    """One line per setting in error: ``key=value: what is allowed`` (union branches joined; a
+    long value cut to an excerpt)."""
+    from detfit.yamlio import excerpt
+
     found: dict[str, tuple[Any, list[str]]] = {}
     for error in exc.errors():
         loc = tuple(error["loc"])
@@ -496,7 +514,7 @@ def describe_errors(exc: ValidationError, data: dict[str, Any], source: str = ""
     lines = []
     for key, (value, messages) in found.items():
         text = messages[0] + "".join(", or " + m.removeprefix("must be ") for m in messages[1:])
-        lines.append(f"{prefix}{key}={value!r}: {text}")
+        lines.append(f"{prefix}{key}={excerpt(value)}: {text}")
     return "\n".join(lines)
 
 
@@ -508,6 +526,8 @@ def merge_settings(
     """``base`` with ``overrides`` (None values skipped; mappings such as ``model_options``
     merged key by key) and then ``--set KEY=VALUE`` items (YAML values; ``a.b=1`` reaches into a
     mapping). The one place settings are combined: the CLI, recipes and the sweep use it."""
+    from detfit.yamlio import excerpt, load_yaml
+
     merged = copy.deepcopy(base)
     for key, value in (overrides or {}).items():
         if value is None:
@@ -519,22 +539,26 @@ def merge_settings(
     for item in sets:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
+        shown = item if len(item) <= 100 else f"{item[:97]}..."  # messages quote an excerpt
         if not sep or not all(parts):
             raise SettingsError(
-                f"--set {item!r}: expected KEY=VALUE, e.g. epochs=5 or model_options.min_size=512"
+                f"--set {shown!r}: expected KEY=VALUE, e.g. epochs=5 or model_options.min_size=512"
             )
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text, f"--set {key}", SettingsError)
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0]
-            raise SettingsError(f"--set {item}: {text!r} is not a YAML value ({first})") from None
+            raise SettingsError(
+                f"--set {shown}: {excerpt(text)} is not a YAML value ({first})"
+            ) from None
         node = merged
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
                 raise SettingsError(
-                    f"--set {item}: {where}={child!r} is a single value, it has no keys to set"
+                    f"--set {shown}: {where}={excerpt(child)} is a single value, it has no keys "
+                    "to set"
                 )
             node = child
         node[parts[-1]] = value

@@ -14,3 +14,9 @@ class Interrupted(DetfitError):
     def __init__(self, message: str, exit_code: int = 130) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class RunRefused(DetfitError):
+    """The run folder cannot be used as asked (held by another writer, or holding another run).
+    Rank 0 decides and every rank raises the same message, so under torchrun only rank 0 prints
+    it."""

@@ -147,7 +147,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> tuple[Any, dict[str, Any]]:
         record = self.records[idx]
-        image = load_rgb(record.path)
+        image = load_rgb(record.path, max_pixels=None)  # checked (max_pixels) before training
         height, width = image.shape[-2:]
         target = build_target(
             record,

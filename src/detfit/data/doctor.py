@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from detfit.data.detection import MIN_BOX_SIZE
-from detfit.data.images import decode_check, read_header
+from detfit.data.images import DEFAULT_MAX_PIXELS, check_pixels, decode_check, read_header
 from detfit.data.records import AnnotatedSet, ImageRecord, Problem
 from detfit.errors import DetfitError
 
@@ -55,16 +55,25 @@ def _far_outside(polygons: list[list[float]], width: int, height: int) -> bool:
 
 
 def check_record(
-    record: ImageRecord, read_images: bool = True, decode: bool = True
+    record: ImageRecord,
+    read_images: bool = True,
+    decode: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[Problem]:
     """Problems of one image and its annotations. ``decode``: every pixel is decoded, so a
     truncated or corrupt file is found here rather than in the middle of an epoch."""
     problems: list[Problem] = []
     name = str(record.path)
     width, height = record.width, record.height
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file system kept as surrogates: torchvision fails
+        shown = name.encode("utf-8", "backslashreplace").decode("utf-8")
+        return [Problem(shown, "file name is not valid UTF-8: rename the file", fatal=True)]
     if read_images:
         try:
             header = read_header(record.path)
+            check_pixels(record.path, header.width, header.height, max_pixels)
             if decode:
                 decode_check(record.path)
         except DetfitError as exc:
@@ -146,6 +155,39 @@ def check_record(
 Progress = Callable[[Iterable, int], Iterable]
 
 
+def usable(inst) -> bool:
+    """An object training learns from: not a crowd region, a box of at least MIN_BOX_SIZE (or a
+    mask to take it from), and, for polygons, one part of 3 points or more."""
+    if inst.crowd:
+        return False
+    if inst.polygons is not None and not any(len(p) >= 6 for p in inst.polygons):
+        return False
+    if inst.box is None:
+        return inst.has_mask
+    x1, y1, x2, y2 = inst.box
+    return x2 - x1 >= MIN_BOX_SIZE and y2 - y1 >= MIN_BOX_SIZE
+
+
+def no_usable_objects(annotations: AnnotatedSet) -> Problem | None:
+    """A training split without one usable object would train on nothing and end naming a
+    best.pt that was never written: a fatal problem, not a training."""
+    if not annotations.images or any(
+        usable(inst) for r in annotations.images for inst in r.instances
+    ):
+        return None
+    objects = sum(len(r.instances) for r in annotations.images)
+    why = (
+        "every label/annotation is empty"
+        if not objects
+        else f"all {objects} objects are crowd regions, degenerate boxes or polygons under 3 points"
+    )
+    return Problem(
+        annotations.source,
+        f"no usable object to train on in {len(annotations.images)} images ({why})",
+        fatal=True,
+    )
+
+
 def check(
     annotations: AnnotatedSet,
     read_images: bool = True,
@@ -153,6 +195,8 @@ def check(
     *,
     decode: bool = True,
     workers: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    train: bool = False,
 ) -> list[Problem]:
     """Every problem of a split: those found while reading it, then per image (in order).
 
@@ -160,8 +204,10 @@ def check(
     of more than a few images run in ``workers`` threads (default: one per core, up to 8).
     """
     problems = list(annotations.problems)
+    if train and (empty := no_usable_objects(annotations)) is not None:
+        problems.append(empty)
     records = annotations.images
-    one = partial(check_record, read_images=read_images, decode=decode)
+    one = partial(check_record, read_images=read_images, decode=decode, max_pixels=max_pixels)
     threads = workers or min(8, os.cpu_count() or 1)
     if read_images and decode and threads > 1 and len(records) >= PARALLEL_FROM:
         with ThreadPoolExecutor(threads) as pool:
@@ -226,11 +272,16 @@ def validate(
     spec_text: str,
     log: Callable[[str], None] = print,
     progress: Progress | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Training's check: one line per repaired problem (up to 20), DetfitError on a fatal one."""
     if progress is None:
         progress = _progress_bar
-    problems = [p for s in sets for p in check(s, progress=progress)]
+    problems = [
+        p
+        for n, s in enumerate(sets)  # the first set is the one trained on
+        for p in check(s, progress=progress, max_pixels=max_pixels, train=n == 0)
+    ]
     fatal = [p for p in problems if p.fatal]
     if fatal:
         more = (

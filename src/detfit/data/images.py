@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,17 @@ SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 # PIL's format plugins signal a damaged file with many exception types (OSError, SyntaxError,
 # EOFError, struct.error, IndexError, DecompressionBombError, ...): all mean "cannot read it".
 BROKEN_FILE_ERRORS = (Exception,)
+# The default of the max_pixels setting (detfit.config), and predict's limit: images above it are
+# refused from their header, before a pixel is decoded.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def check_pixels(path: Path, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise DetfitError(
+            f"{path}: {width}x{height} image ({width * height / 1e6:.0f} MP) is larger than "
+            f"max_pixels ({max_pixels / 1e6:g} MP); shrink it, or raise max_pixels"
+        )
 
 
 def error_text(exc: BaseException) -> str:
@@ -47,10 +59,13 @@ class ImageHeader:
 def read_header(path: Path) -> ImageHeader:
     """Size (as displayed) and mode from the file header; raises DetfitError if unreadable."""
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-            orientation = im.getexif().get(EXIF_ORIENTATION, 1) if im.format == "JPEG" else 1
-            mode = im.mode
+        with warnings.catch_warnings():
+            # detfit's own max_pixels decides, with a message naming the setting
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                orientation = im.getexif().get(EXIF_ORIENTATION, 1) if im.format == "JPEG" else 1
+                mode = im.mode
     except FileNotFoundError:
         raise DetfitError(f"{path}: image file not found") from None
     except BROKEN_FILE_ERRORS as exc:
@@ -73,11 +88,15 @@ def decode_check(path: Path) -> None:
         raise DetfitError(f"{path}: cannot decode image ({error_text(exc)})") from None
 
 
-def load_rgb(path: Path) -> torch.Tensor:
-    """uint8 [3, H, W], EXIF-oriented; 16-bit images keep their top 8 bits."""
+def load_rgb(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """uint8 [3, H, W], EXIF-oriented; 16-bit images keep their top 8 bits. An image of more
+    than ``max_pixels`` is refused from its header (PIL reads the size without decoding)."""
     path = Path(path)
     if not path.is_file():
         raise DetfitError(f"{path}: image not found")
+    if max_pixels is not None:
+        header = read_header(path)
+        check_pixels(path, header.width, header.height, max_pixels)
     try:
         if path.suffix.lower() in TORCHVISION_SUFFIXES:
             image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)

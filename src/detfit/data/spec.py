@@ -21,6 +21,7 @@ Without ``val``, a seeded split of ``train`` holds out ``num_test`` images (as t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import yaml
 from detfit.data.formats import FORMATS, read_split
 from detfit.data.records import AnnotatedSet
 from detfit.errors import DetfitError
+from detfit.yamlio import load_yaml
 
 SPLITS = ("train", "val", "test")
 SHORT_KEYS = {"val", "test", "images", "val_images", "test_images", "names", "drop_empty"}
@@ -87,9 +89,10 @@ class DatasetSpec:
     @classmethod
     def from_yaml(cls, path: Path) -> DatasetSpec:
         try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise DetfitError(f"{path}: cannot read dataset file ({exc.strerror})") from None
+            data = load_yaml(path.read_text(), str(path))
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise DetfitError(f"{path}: cannot read dataset file ({reason})") from None
         except yaml.YAMLError as exc:
             raise DetfitError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):
@@ -161,6 +164,28 @@ class DatasetSpec:
         return result
 
 
+PATH_OPTIONS = {"val", "test", "images", "val_images", "test_images"}
+
+
+def absolute_spec(text: str) -> str:
+    """``text`` with every path in it absolute (from the working folder, as :meth:`DatasetSpec.parse`
+    reads them): what a run folder records, so that ``detfit eval RUN`` finds the data from any
+    folder."""
+    if text.endswith((".yaml", ".yml")) and ":" not in text.split("/")[0]:
+        return os.path.abspath(text)
+    fmt, colon, rest = text.partition(":")
+    if not colon or not rest:
+        return text
+    path, *options = rest.split(",")
+    parts = [os.path.abspath(path) if path else path]
+    for option in options:
+        key, eq, value = option.partition("=")
+        if eq and key.strip() in PATH_OPTIONS and value.strip():
+            option = f"{key}={os.path.abspath(value.strip())}"
+        parts.append(option)
+    return f"{fmt}:{','.join(parts)}"
+
+
 def _resolve(base: Path, value: Any) -> Path:
     path = Path(str(value)).expanduser()
     return path if path.is_absolute() else base / path
@@ -171,14 +196,27 @@ def _from_ultralytics(spec: DatasetSpec) -> DatasetSpec:
     path = spec.train.path
     assert isinstance(path, Path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise DetfitError(f"{path}: cannot read YOLO data file ({exc})") from None
+        data = load_yaml(path.read_text(), str(path)) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise DetfitError(f"{path}: cannot read YOLO data file ({first})") from None
+    if not isinstance(data, dict):
+        raise DetfitError(f"{path}: a YOLO data file must be a mapping (path, train, val, names)")
     data = {k: v for k, v in data.items() if k in {"path", *SPLITS, "names"}}
     base = path.parent
     if data.get("path"):
-        root = Path(str(data["path"]))
-        base = root if root.is_absolute() else path.parent / root
+        root = Path(str(data["path"])).expanduser()
+        # Ultralytics reads a relative ``path`` from the working folder; detfit from the file's
+        # folder first (a data set that travels with its yaml), then the working folder
+        if not root.is_absolute():
+            root = path.parent / root if (path.parent / root).exists() else Path.cwd() / root
+        base = root
+    for split in SPLITS:
+        value = data.get(split)
+        if isinstance(value, str):
+            data[split] = _ultralytics_split(base, value)
+        elif isinstance(value, list):
+            data[split] = [_ultralytics_split(base, str(v)) for v in value]
     data.pop("path", None)
     data["format"] = "yolo"
     if spec.names:
@@ -186,3 +224,17 @@ def _from_ultralytics(spec: DatasetSpec) -> DatasetSpec:
     result = DatasetSpec.from_dict(data, base, spec.text)
     result.drop_empty = spec.drop_empty
     return result
+
+
+def _ultralytics_split(base: Path, value: str) -> Path:
+    """A split's path as Ultralytics resolves it: relative to ``base``, and when that does not
+    exist and it starts with ``../``, without it. Roboflow's YOLO exports write
+    ``train: ../train/images`` beside a data.yaml that sits next to ``train/``."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    if not (base / path).exists() and value.startswith("../"):
+        fallback = base / value[3:]
+        if fallback.exists():
+            return fallback
+    return base / path

@@ -72,7 +72,7 @@ def build_datasets(
         given = str(spec.train.path) if str(spec.train.path) != "." else None
         root = resolve_pennfudan(given or cfg.data_root, download=download)
         records = read_mask_folder(root, ["person"])
-        validate([records], spec.text or "pennfudan", log)
+        validate([records], spec.text or "pennfudan", log, max_pixels=cfg.max_pixels)
         train_full = PennFudanDataset(root, train_transforms(cfg.hflip_prob, cfg.photometric))
         test_full = PennFudanDataset(root, eval_transforms())
         classes, most = list(PennFudanDataset.classes), most_objects(records)
@@ -88,7 +88,9 @@ def build_datasets(
     source = next((s for s in order if getattr(spec, s) is not None), unsplit)
     eval_set = spec.read(source, train_set.classes) if source in ("val", "test") else None
     train_tf = train_transforms(cfg.hflip_prob, cfg.photometric, train_set.keypoint_names)
-    validate([train_set] + ([eval_set] if eval_set else []), spec.text, log)
+    validate(
+        [train_set] + ([eval_set] if eval_set else []), spec.text, log, max_pixels=cfg.max_pixels
+    )
     if eval_set is not None or source == "all":
         train = DetectionDataset(train_set, train_tf, train=True)
         test = DetectionDataset(eval_set or train_set, eval_transforms())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +56,34 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / "last.pt"
     if not path.is_file():
         raise DetfitError(f"{path}: checkpoint not found")
+    if path.suffix.lower() == ".onnx" or is_torchscript(path):
+        raise DetfitError(
+            f"{path}: an exported model (ONNX/TorchScript); this command takes a detfit .pt "
+            "checkpoint or run folder (detfit predict takes exports)"
+        )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with (
+            warnings.catch_warnings()
+        ):  # a plain pickle's "legacy format" warning: the error says it
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DetfitError(f"{path}: not a readable checkpoint ({first})") from None
+        if "weights only load failed" in first.lower() or "weights_only" in str(exc):
+            # torch's text goes on to suggest weights_only=False, which would run the file's code
+            first = "it holds Python objects besides tensors and plain data; detfit never runs them"
+        raise DetfitError(f"{path}: not a readable checkpoint ({first[:200]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_info" not in ckpt:
         raise DetfitError(f"{path}: not a detfit checkpoint (no model/model_info)")
     return ckpt
+
+
+def is_torchscript(path: Path) -> bool:
+    """TorchScript archives hold a code/ folder; torch.save checkpoints do not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.split("/", 2)[1:2] == ["code"] for n in archive.namelist())
 
 
 def rng_state() -> dict[str, Any]:

@@ -11,9 +11,11 @@ about ranks live in :mod:`detfit.distributed`.
 
 from __future__ import annotations
 
+import os
 import random
 import shlex
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import torch
 
 from detfit import distributed
 from detfit.config import RECIPES, SPEED_UPS_OFF, TrainConfig
+from detfit.data.spec import absolute_spec
 from detfit.engine.builders import (
     Datasets,
     build_datasets,
@@ -53,7 +56,8 @@ from detfit.engine.checkpoint import (
 )
 from detfit.engine.interrupt import StopRequest
 from detfit.engine.loop import LossMeter, StepResult, TrainStep
-from detfit.errors import DetfitError, Interrupted
+from detfit.engine.runlock import RunLock
+from detfit.errors import DetfitError, Interrupted, RunRefused
 from detfit.eval.loop import EvaluationResult, evaluate
 from detfit.fileio import remove_stale_temp_files
 from detfit.models import (
@@ -91,6 +95,18 @@ def new_run_dir(name: str, root: Path = DEFAULT_RUNS_DIR) -> Path:
         if not path.exists():
             return path
     raise RuntimeError(f"no free run folder under {root}")
+
+
+def _stat(path: Path | None) -> tuple[int, int] | None:
+    """(mtime, size) of a checkpoint (a run folder's last.pt): whether it changed since read."""
+    if path is None:
+        return None
+    path = path / "last.pt" if path.is_dir() else path
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def seed_everything(seed: int) -> None:
@@ -234,6 +250,8 @@ class Trainer:
         # columns callbacks add to the epoch's metrics row during on_evaluation (val_loss, ...)
         self.extra_metrics: dict[str, float] = {}
         self.seconds_before = 0.0  # training time before a resume
+        self.lock: RunLock | None = None  # the run folder's, held by rank 0 while it writes
+        self._resumed_stat: tuple[int, int] | None = None
 
     # ---- public helpers for callbacks -------------------------------------------------------
     def log(self, message: str) -> None:
@@ -282,11 +300,19 @@ class Trainer:
             finally:
                 # drop every reference to the DDP wrapper before the group goes (see shutdown)
                 self.model = self.step = None
+                if self.lock is not None:
+                    self.lock.release()
         return self.run_dir
 
     def _load_resume(self, path: Path, finished_ok: bool = False) -> None:
         """Load the run to continue; with ``finished_ok`` a run that has trained all its epochs
-        sets :attr:`finished` instead of being refused."""
+        sets :attr:`finished` instead of being refused. A run folder with config.yaml and no
+        checkpoint yet (the run died before its first one) starts over from its settings."""
+        path = Path(path)
+        if path.is_dir() and not (path / "last.pt").exists() and (path / "config.yaml").is_file():
+            self._restart_from_scratch(path)
+            return
+        self._resumed_stat = _stat(path)
         ckpt = load_checkpoint(path)
         missing = [k for k in ("optimizer", "scheduler", "history", "epoch") if k not in ckpt]
         if missing:
@@ -295,6 +321,34 @@ class Trainer:
             )
         self.run_dir = path if path.is_dir() else path.parent
         cfg = TrainConfig.from_dict(ckpt["config"], f"{self.run_dir}/last.pt")
+        self._check_same_run(cfg)
+        self._apply_overrides(cfg)
+        done = len(ckpt.get("history", []))
+        complete = cfg.epochs < done or (cfg.epochs == done and ckpt.get("evaluated", True))
+        if complete and finished_ok:
+            self.finished = True
+        elif complete:
+            raise DetfitError(
+                f"--resume {self.run_dir}: the run has already trained {done} epoch(s); "
+                f"give --epochs N with N > {done} to train it further"
+            )
+        self.cfg, self.checkpoint = cfg, ckpt
+
+    def _check_same_run(self, cfg: TrainConfig) -> None:
+        """last.pt must be the checkpoint of the run whose config.yaml is beside it: one copied
+        from another run would otherwise rewrite this run's files with the other model's."""
+        try:
+            folder = TrainConfig.load(self.run_dir / "config.yaml")
+        except (DetfitError, OSError):
+            return  # no readable config.yaml: last.pt is all there is of the run
+        if folder.run_id and cfg.run_id != folder.run_id:
+            raise DetfitError(
+                f"--resume {self.run_dir}: last.pt belongs to another run (run_id "
+                f"{cfg.run_id or 'none'}, config.yaml says {folder.run_id}); it was copied from "
+                "elsewhere: resume that run's own folder"
+            )
+
+    def _apply_overrides(self, cfg: TrainConfig) -> None:
         changed = {
             k: v
             for k, v in self.overrides.items()
@@ -309,47 +363,93 @@ class Trainer:
             )
         for key, value in changed.items():
             setattr(cfg, key, value)
-        done = len(ckpt.get("history", []))
-        complete = cfg.epochs < done or (cfg.epochs == done and ckpt.get("evaluated", True))
-        if complete and finished_ok:
-            self.finished = True
-        elif complete:
-            raise DetfitError(
-                f"--resume {self.run_dir}: the run has already trained {done} epoch(s); "
-                f"give --epochs N with N > {done} to train it further"
+
+    def _restart_from_scratch(self, run_dir: Path) -> None:
+        """--resume of a run that stopped before its first checkpoint: nothing to continue, so it
+        starts over in its folder with its config.yaml (a new run id), saying so."""
+        self.run_dir = run_dir
+        cfg = TrainConfig.load(run_dir / "config.yaml")
+        self._apply_overrides(cfg)
+        cfg.out, cfg.run_id = str(run_dir), None
+        self.cfg, self.overwrite = cfg, True
+        if distributed.env_is_main():
+            self._log(
+                f"{run_dir}: no checkpoint yet (the run stopped before its first one): starting "
+                "it over from scratch with its config.yaml"
             )
-        self.cfg, self.checkpoint = cfg, ckpt
 
     def _choose_run_dir(self) -> Path:
+        """The run folder, decided by rank 0 (which also locks it) and the same on every rank; a
+        refusal is raised on every rank with rank 0's message."""
         cfg = self.cfg
-        if self.checkpoint is not None:
-            return self.run_dir
-        if distributed.elastic_max_restarts() > 0 and not cfg.out:
-            raise DetfitError(
+        if self.checkpoint is None and distributed.elastic_max_restarts() > 0 and not cfg.out:
+            raise RunRefused(
                 "torchrun --max-restarts needs --out RUN: a restarted group continues the run "
                 "in that folder"
             )
-        if cfg.out:
-            run_dir = Path(cfg.out)
-            if distributed.elastic_restart_count() > 0:  # torchrun restarted us: continue
-                if (run_dir / "last.pt").is_file():
-                    # the group may have been killed after the last epoch's checkpoint
-                    self._load_resume(run_dir, finished_ok=True)
-                    restart = distributed.elastic_restart_count()
-                    self.log(
-                        f"restart {restart}: {run_dir} has finished all {self.cfg.epochs} epochs"
-                        if self.finished
-                        else f"restart {restart}: continuing {run_dir}"
-                    )
-                    return run_dir
-                self.overwrite = True
-            if holds_run(run_dir) and not self.overwrite:
-                raise DetfitError(
-                    f"{run_dir}: already holds a run; continue it with --resume {run_dir}, or "
-                    "give --overwrite to start over in it"
+        decided: tuple[str, str | None, bool] = ("", None, False)
+        if distributed.is_main():
+            resumed = self.checkpoint is not None
+            try:
+                run_dir = self._claim_run_dir()
+                decided = (str(run_dir), None, not resumed and self.checkpoint is not None)
+            except DetfitError as exc:  # every rank stops with rank 0's one line
+                decided = ("", str(exc), False)
+        run_dir, refusal, continued = distributed.broadcast_from_main(decided)
+        if refusal is not None:
+            raise RunRefused(refusal)
+        if continued and not distributed.is_main():  # rank 0 continues its restarted run
+            self._load_resume(Path(run_dir), finished_ok=True)
+        return Path(run_dir)
+
+    def _restarted_own_run(self, run_dir: Path) -> bool:
+        """True in a group torchrun restarted, when ``run_dir``'s run is this launch's own."""
+        return distributed.elastic_restart_count() > 0 and RunLock(run_dir).ours()
+
+    def _lock(self, run_dir: Path) -> None:
+        self.lock = self.lock or RunLock(run_dir)
+        self.lock.acquire()
+
+    def _claim_run_dir(self) -> Path:
+        """Rank 0: the folder to write, locked when it exists (a new one is locked as it is made,
+        in :meth:`_setup`). A restart never turns ``overwrite`` on: it continues the run only when
+        this launch started it, and otherwise decides as the first attempt did."""
+        cfg = self.cfg
+        if self.checkpoint is not None:  # --resume
+            self._lock(self.run_dir)
+            if self._resumed_stat != _stat(self.resume_from):  # it changed while we waited
+                self._load_resume(self.resume_from)
+            return self.run_dir
+        if not cfg.out:
+            return new_run_dir(cfg.model)
+        run_dir = Path(cfg.out)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunRefused(f"--out {run_dir}: is a file; give a folder for the run")
+        if run_dir.is_dir():
+            self._lock(run_dir)
+        if self._restarted_own_run(run_dir):  # torchrun restarted us: continue our own run
+            restart = distributed.elastic_restart_count()
+            if (run_dir / "last.pt").is_file():
+                # the group may have been killed after the last epoch's checkpoint
+                self._load_resume(run_dir, finished_ok=True)
+                self.log(
+                    f"restart {restart}: {run_dir} has finished all {self.cfg.epochs} epochs"
+                    if self.finished
+                    else f"restart {restart}: continuing {run_dir}"
                 )
+            else:  # it stopped before its first checkpoint: its files are ours to replace
+                self.log(f"restart {restart}: starting {run_dir} over (no checkpoint yet)")
+                self.overwrite = True
             return run_dir
-        return Path(distributed.broadcast_from_main(str(new_run_dir(cfg.model))))
+        self._refuse_a_held_run(run_dir)
+        return run_dir
+
+    def _refuse_a_held_run(self, run_dir: Path) -> None:
+        if holds_run(run_dir) and not self.overwrite:
+            raise RunRefused(
+                f"{run_dir}: already holds a run; continue it with --resume {run_dir}, or "
+                "give --overwrite to start over in it"
+            )
 
     def _setup(self) -> None:
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
@@ -360,6 +460,8 @@ class Trainer:
             return
         cfg = self.cfg  # a restart may have loaded the run's own settings
         cfg.out = str(self.run_dir)
+        if self.checkpoint is None:  # a new run: its id goes into config.yaml and checkpoints
+            cfg.run_id = distributed.broadcast_from_main(uuid.uuid4().hex[:16])
         cfg.world_size, cfg.global_batch_size = self.world_size, self.world_size * cfg.batch_size
         seed_everything(cfg.seed)  # the same initial weights on every rank
         if cfg.threads:
@@ -411,13 +513,12 @@ class Trainer:
         seed_everything(cfg.seed + 1000 * self.rank)  # each rank its own random stream
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
+        else:  # the run records where its data is from anywhere: eval RUN works from any folder
+            cfg.dataset = absolute_spec(cfg.dataset)
+            cfg.data_root = os.path.abspath(cfg.data_root) if cfg.data_root else None
         if distributed.is_main():  # only now, with data and model checked: a folder is made
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(self.run_dir)
-            if self.overwrite and self.checkpoint is None:
-                for name in RUN_FILES:
-                    (self.run_dir / name).unlink(missing_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
+            self._start_writing(cfg)
+        distributed.barrier()
         if self.world_size > 1:
             self.log(
                 f"torchrun: {self.world_size} processes x batch {cfg.batch_size} = global batch "
@@ -425,6 +526,26 @@ class Trainer:
                 + (f": {cfg.lr:g} x {self.world_size})" if cfg.lr_scaling == "linear" else ")")
             )
         self._t0 = time.perf_counter()
+
+    def _start_writing(self, cfg: TrainConfig) -> None:
+        """Rank 0: make and lock the folder (a race for a new one is decided here: the second
+        process finds it locked, or holding the first one's run), then write config.yaml."""
+        fresh = self.lock is None
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DetfitError(
+                f"cannot make the run folder {self.run_dir}: {exc.strerror}"
+            ) from None
+        self._lock(self.run_dir)
+        if fresh and self.checkpoint is None and not self.overwrite:
+            self._refuse_a_held_run(self.run_dir)
+        self.lock.claim()
+        remove_stale_temp_files(self.run_dir)
+        if self.overwrite and self.checkpoint is None:
+            for name in RUN_FILES:
+                (self.run_dir / name).unlink(missing_ok=True)
+        cfg.save(self.run_dir / "config.yaml")
 
     def _build_model(self) -> tuple[torch.nn.Module, dict[str, Any]]:
         cfg, ckpt = self.cfg, self.checkpoint

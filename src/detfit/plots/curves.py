@@ -36,7 +36,16 @@ def read_metrics(run: str | Path) -> list[dict[str, float]]:
         raise DetfitError(f"{path}: not found (is {run} a run folder?)") from None
     if not rows:
         raise DetfitError(f"{path}: no epochs yet")
-    return [{k: _number(v) for k, v in row.items()} for row in rows]
+    out = []
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        if None in row or "epoch" not in row:  # DictReader's key for cells beyond the header
+            raise DetfitError(f"{path}: line {line} does not match the header (not a metrics.csv?)")
+        epoch = _number(row["epoch"])
+        if not math.isfinite(epoch):
+            shown = str(row["epoch"])[:40]
+            raise DetfitError(f"{path}: line {line}: epoch {shown!r} is not a number")
+        out.append({k: _number(v) for k, v in row.items()})
+    return out
 
 
 def _number(text: str | None) -> float:

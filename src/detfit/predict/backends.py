@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from detfit.distributed import resolve_device
+from detfit.engine.checkpoint import is_torchscript
 from detfit.errors import DetfitError
 
 Output = dict[str, torch.Tensor]
@@ -86,14 +87,6 @@ def model_file(path: str | Path) -> Path:
     return path
 
 
-def is_torchscript(path: Path) -> bool:
-    """TorchScript archives hold a code/ folder; torch.save checkpoints do not."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(n.split("/", 2)[1:2] == ["code"] for n in archive.namelist())
-
-
 def load_backend(path: str | Path, device: str = "auto", threads: int | None = None) -> Backend:
     """Any model file detfit makes: a checkpoint (.pt or run folder), TorchScript or ONNX.
     ``threads`` sets ONNX Runtime's intra-op threads (torch's are torch.set_num_threads)."""
@@ -128,7 +121,7 @@ def _load_torchscript(path: Path, device: str) -> Backend:
         raise DetfitError(
             f"{path}: TorchScript file without detfit metadata (not from detfit export)"
         )
-    info = json.loads(extra[EXTRA_FILE])
+    info = read_metadata(path, extra[EXTRA_FILE])
     return Backend(path, "torchscript", info, dev, TorchScriptRunner(module.eval(), dev))
 
 
@@ -163,10 +156,50 @@ def _load_onnx(path: Path, device: str, threads: int | None = None) -> Backend:
     meta = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in meta:
         raise DetfitError(f"{path}: ONNX model without detfit metadata (not from detfit export)")
-    info = json.loads(meta[METADATA_KEY])
+    info = read_metadata(path, meta[METADATA_KEY])
     outputs = [o.name for o in session.get_outputs()]
+    if not {"boxes", "labels", "scores"} <= set(outputs):
+        raise DetfitError(
+            f"{path}: ONNX model without boxes/labels/scores outputs (outputs: "
+            f"{', '.join(outputs)[:200]}): not a detector from detfit export"
+        )
     dev = torch.device("cuda" if "CUDA" in session.get_providers()[0] else "cpu")
     return Backend(path, "onnx", info, dev, OnnxRunner(session, outputs))
+
+
+def read_metadata(path: Path, text: str | bytes) -> dict[str, Any]:
+    """The detfit metadata of an exported model, checked: a hand-edited or truncated one is one
+    line naming the file, not a KeyError later."""
+    try:
+        info = json.loads(text)
+    except ValueError as exc:
+        raise DetfitError(f"{path}: its detfit metadata is not valid JSON ({exc})") from None
+
+    def bad(what: str) -> DetfitError:
+        return DetfitError(f"{path}: its detfit metadata is malformed ({what})")
+
+    if not isinstance(info, dict):
+        raise bad(f"a {type(info).__name__}, not a mapping")
+    if not isinstance(info.get("name"), str):
+        raise bad("no model name")
+    count = info.get("num_classes")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise bad(f"num_classes {str(count)[:40]!r} is not a count of 2 or more")
+    classes = info.get("classes")
+    if classes is not None and (
+        not isinstance(classes, list)
+        or len(classes) != count
+        or not all(isinstance(c, str) for c in classes)
+    ):
+        raise bad(f"classes is not a list of {count} names")
+    ids = info.get("category_ids")
+    if ids is not None and (
+        not isinstance(ids, list)
+        or len(ids) != count
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+    ):
+        raise bad(f"category_ids is not a list of {count} integers")
+    return info
 
 
 def _first_line(exc: BaseException) -> str:

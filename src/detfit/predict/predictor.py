@@ -109,9 +109,22 @@ class Predictor:
         return self.predict([image])[0]
 
     def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
-        """One Prediction per image, in order (one model call for the batch)."""
+        """One Prediction per image, in order: one model call per image size in the batch.
+
+        torchvision pads a batch to its largest image, and the padding changes what the model
+        sees (the FPN's borders, the anchors' reach): images of another size in the same call
+        would get other detections than alone. Images of one size pad alike, so grouping them
+        makes the results independent of how many are predicted at once."""
         uint8 = [to_uint8_image(im) for im in images]
-        outputs = self.backend([im.float() / 255.0 for im in uint8])
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(uint8):
+            by_size.setdefault(tuple(image.shape), []).append(index)
+        outputs: list[Any] = [None] * len(uint8)
+        for indices in by_size.values():
+            for index, out in zip(
+                indices, self.backend([uint8[i].float() / 255.0 for i in indices])
+            ):
+                outputs[index] = out
         return [self._result(out, im) for out, im in zip(outputs, uint8)]
 
     def _result(self, out: dict[str, torch.Tensor], image: torch.Tensor) -> Prediction:
@@ -120,6 +133,11 @@ class Predictor:
         if self.keep_labels is not None:
             keep &= torch.isin(out["labels"], torch.tensor(sorted(self.keep_labels)))
         labels = out["labels"][keep].long()
+        if len(labels) and int(labels.max()) >= len(self.category_ids):
+            raise DetfitError(
+                f"{self.backend.path}: the model predicts class {int(labels.max())} but its "
+                f"metadata lists {len(self.classes)} classes (metadata of another model?)"
+            )
         names = [self.classes[v] if v < len(self.classes) else str(v) for v in labels.tolist()]
         masks = out.get("masks")
         if masks is not None:

@@ -66,8 +66,8 @@ def record(p: Prediction) -> list[dict[str, Any]]:
 
 
 def coco_results(p: Prediction, image_id: int) -> list[dict[str, Any]]:
-    """COCO results format (pycocotools loadRes): xywh boxes, unrounded scores, RLE masks."""
-    rles = encode_masks(p.masks) if p.masks is not None and len(p) else []
+    """COCO results format (pycocotools loadRes) for the box metric: xywh boxes, unrounded
+    scores (and keypoints)."""
     out = []
     for k in range(len(p)):
         x0, y0, x1, y1 = p.boxes[k].tolist()
@@ -77,12 +77,32 @@ def coco_results(p: Prediction, image_id: int) -> list[dict[str, Any]]:
             "bbox": [x0, y0, x1 - x0, y1 - y0],
             "score": float(p.scores[k]),
         }
-        if rles:
-            det["segmentation"] = rles[k]
         if p.keypoints is not None:
             det["keypoints"] = p.keypoints[k].reshape(-1).tolist()
         out.append(det)
     return out
+
+
+def coco_segm_results(p: Prediction, image_id: int) -> list[dict[str, Any]]:
+    """COCO results for the mask metric: RLE masks and no ``bbox``. pycocotools' loadRes takes a
+    record's area from its box when it has one, which puts masks in the wrong size ranges (APs,
+    APm, APl); without it the area and box come from the mask (Detectron2 drops the box too)."""
+    if p.masks is None or not len(p):
+        return []
+    return [
+        {
+            "image_id": image_id,
+            "category_id": p.category_ids[k],
+            "segmentation": rle,
+            "score": float(p.scores[k]),
+        }
+        for k, rle in enumerate(encode_masks(p.masks))
+    ]
+
+
+def segm_json_path(coco_json: Path) -> Path:
+    """Where ``--coco-json results.json`` puts the mask results: ``results.segm.json``."""
+    return coco_json.with_name(f"{coco_json.stem}.segm{coco_json.suffix or '.json'}")
 
 
 class ImageIds:
@@ -96,9 +116,20 @@ class ImageIds:
                 images = json.loads(Path(coco_file).read_text())["images"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise DetfitError(f"{coco_file}: not a COCO file with images ({exc})") from None
-            for im in images:
-                self.by_name[im["file_name"]] = int(im["id"])
-                self.by_name.setdefault(Path(im["file_name"]).name, int(im["id"]))
+            if not isinstance(images, list):
+                raise DetfitError(f"{coco_file}: 'images' must be a list of images")
+            for n, im in enumerate(images):
+                name = im.get("file_name") if isinstance(im, dict) else None
+                image_id = im.get("id") if isinstance(im, dict) else None
+                if not isinstance(name, str) or not name:
+                    raise DetfitError(f"{coco_file}: images[{n}] has no file_name")
+                if isinstance(image_id, bool) or not isinstance(image_id, int):
+                    raise DetfitError(
+                        f"{coco_file}: images[{n}] ({name[:100]}): id {str(image_id)[:40]!r} is "
+                        "not an integer"
+                    )
+                self.by_name[name] = image_id
+                self.by_name.setdefault(Path(name).name, image_id)
         self.next = 1
 
     def __call__(self, item: Item) -> int:
@@ -125,6 +156,83 @@ def _decoded(items: Iterator[Item], summary: Summary, log: Callable[[str], None]
             log(f"detfit: skipped: {exc}")
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_outputs(
+    items: Sequence[Item],
+    inputs: Sequence[str | Path],
+    out: Path,
+    coco_json: Path | None,
+    image_ids: Path | None,
+    overwrite: bool,
+) -> None:
+    """Refuse, before anything runs, a prediction that would write over what the user gave (an
+    image, the --image-ids ground truth) or, without ``overwrite``, over earlier outputs."""
+    if out.exists() and not out.is_dir():
+        raise DetfitError(f"--out {out}: is a file; give a folder for the predictions")
+    out_abs = out.resolve()
+    for raw in inputs:
+        given = Path(raw)
+        if given.is_dir() and given.resolve() == out_abs:
+            raise DetfitError(
+                f"--out {out}: is the input folder {raw}; give another folder for the predictions"
+            )
+    for item in items:
+        if _inside(item.path.resolve(), out_abs):
+            raise DetfitError(
+                f"--out {out}: holds the input {item.path}, which predictions could replace; "
+                "give another folder"
+            )
+    if coco_json is not None:
+        targets = [coco_json.resolve(), segm_json_path(coco_json).resolve()]
+        given = [i.path.resolve() for i in items]
+        if image_ids is not None:
+            given.append(image_ids.resolve())
+        if any(t in given for t in targets):
+            raise DetfitError(
+                f"--coco-json {coco_json}: is one of the inputs (or the --image-ids file); give "
+                "a new file for the results"
+            )
+    if overwrite:
+        return
+    names = [n for i in items for n in _outputs(i)]
+    existing = [out / n for n in names if (out / n).exists()]
+    if coco_json is not None:
+        existing += [f for f in (coco_json, segm_json_path(coco_json)) if f.exists()]
+    if existing:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise DetfitError(
+            f"--out {out}: {existing[0]}{more} already exist(s) from an earlier prediction; give "
+            "--overwrite to replace them, or another --out"
+        )
+
+
+def _outputs(item: Item) -> tuple[str, str]:
+    return (
+        (f"{item.name}.mp4", f"{item.name}.jsonl")
+        if item.video
+        else (
+            f"{item.name}.png",
+            f"{item.name}.json",
+        )
+    )
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """The ``.NAME.partial.mp4`` files of video predictions that were killed, and the temporary
+    files of interrupted atomic writes: nothing reads them, they only fill the disk."""
+    from detfit.fileio import remove_stale_temp_files
+
+    if not out.is_dir():
+        return []
+    stale = [p for p in out.rglob(".*.partial.mp4") if p.is_file() and not p.is_symlink()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale + remove_stale_temp_files(out)
+
+
 def predict_inputs(
     model: str | Path | Predictor,
     inputs: Sequence[str | Path],
@@ -136,26 +244,33 @@ def predict_inputs(
     device: str = "auto",
     coco_json: str | Path | None = None,
     image_ids: str | Path | None = None,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Summary:
-    """Predict every image and video; see the module docstring for what is written."""
+    """Predict every image and video; see the module docstring for what is written. Nothing the
+    user gave is overwritten, nor earlier outputs unless ``overwrite``."""
     if batch_size < 1:
         raise DetfitError(f"--batch-size {batch_size}: must be at least 1")
+    if not 0 <= score_threshold <= 1:  # NaN too
+        raise DetfitError(f"--score-threshold {score_threshold}: must be between 0 and 1")
+    out = Path(out_dir) if out_dir else default_out()
+    coco_path = Path(coco_json) if coco_json else None
+    summary = Summary()
+    items = list(expand(inputs, summary.problems))
+    check_outputs(items, inputs, out, coco_path, Path(image_ids) if image_ids else None, overwrite)
+    ids = ImageIds(Path(image_ids) if image_ids else None)
     predictor = (
         model
         if isinstance(model, Predictor)
         else Predictor(model, device, score_threshold=score_threshold, classes=classes)
     )
-    out = Path(out_dir) if out_dir else default_out()
-    if out.exists() and not out.is_dir():
-        raise DetfitError(f"--out {out}: is a file; give a folder for the predictions")
-    summary = Summary()
-    items = list(expand(inputs, summary.problems))
+    remove_stale_partials(out)
     for problem in summary.problems:
         log(f"detfit: skipped: {problem}")
-    ids = ImageIds(Path(image_ids) if image_ids else None)
     results: list[dict[str, Any]] = []
+    segm_results: list[dict[str, Any]] = []
+    has_masks = False  # a mask model: its segm results file is written, empty or not
     images = [i for i in items if not i.video]
     bar = tqdm(
         total=len(images),
@@ -167,10 +282,14 @@ def predict_inputs(
     batch: list[tuple[Item, torch.Tensor]] = []
 
     def flush() -> None:
+        nonlocal has_masks
         for (item, image), p in zip(batch, predictor.predict([im for _, im in batch])):
+            has_masks = has_masks or p.masks is not None
             _write_image(out, item, image, p, summary)
-            if coco_json:
-                results.extend(coco_results(p, ids(item)))
+            if coco_path:
+                image_id = ids(item)
+                results.extend(coco_results(p, image_id))
+                segm_results.extend(coco_segm_results(p, image_id))
         summary.images += len(batch)
         bar.update(len(batch))
         batch.clear()
@@ -185,13 +304,19 @@ def predict_inputs(
     bar.close()
     for item in (i for i in items if i.video):
         try:
-            summary.frames += _predict_video(predictor, item, out, batch_size, summary, progress)
+            summary.frames += _predict_video(
+                predictor, item, out, batch_size, summary, progress, log
+            )
         except DetfitError as exc:
             summary.problems.append(str(exc))
             log(f"detfit: skipped: {exc}")
-    if coco_json:
-        atomic_write_text(Path(coco_json), json.dumps(results))
-        summary.written.append(Path(coco_json))
+    if coco_path:
+        atomic_write_text(coco_path, json.dumps(results))
+        summary.written.append(coco_path)
+        if has_masks:
+            segm = segm_json_path(coco_path)
+            atomic_write_text(segm, json.dumps(segm_results))
+            summary.written.append(segm)
     return summary
 
 
@@ -211,6 +336,7 @@ def _predict_video(
     batch_size: int,
     summary: Summary,
     progress: bool,
+    log: Callable[[str], None] = print,
 ) -> int:
     """Annotated <name>.mp4 and <name>.jsonl (one line per frame), both renamed into place."""
     from detfit.predict.video import VideoReader, VideoWriter
@@ -268,6 +394,11 @@ def _predict_video(
         partial.unlink(missing_ok=True)
     atomic_write_text(lines, "\n".join(jsonl) + "\n")
     summary.written += [video, lines]
+    if reader.frames and count < reader.frames:
+        log(
+            f"detfit: warning: {item.path}: its header says {reader.frames} frames, only {count} "
+            "could be decoded (a file cut short?); the outputs hold those"
+        )
     return count
 
 
