@@ -407,16 +407,32 @@ def data_show(
     n: Annotated[int, typer.Option("--n", min=1, help="Images on the contact sheet.")] = 16,
     split: Annotated[str, typer.Option(help="Which split: train, val or test.")] = "train",
     seed: Annotated[int, typer.Option(help="Seed of the images chosen.")] = 0,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment",
+            help="Also write augmented.jpg: training images as augmentation changes them "
+            "(choose it with --set augment=lsj --set copy_paste=0.5 ...).",
+        ),
+    ] = False,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="With --augment: a training setting as KEY=VALUE.")
+    ] = [],  # noqa: B006
 ) -> None:
     """Look at a dataset: samples.jpg (N images with boxes, masks and class names drawn) and
     labels.png (instances per class, box sizes, aspect ratios, where box centres fall)."""
-    from detfit.plots.dataset import show_dataset
+    from detfit.plots.dataset import show_augmented, show_dataset
 
     if out is None:
         from detfit.engine.trainer import new_run_dir
 
         out = new_run_dir("data-show")
-    for path in show_dataset(dataset, out, n=n, split=split, seed=seed):
+    paths = show_dataset(dataset, out, n=n, split=split, seed=seed)
+    if augment:
+        from detfit.config import merge_settings
+
+        paths += show_augmented(dataset, out, merge_settings({}, None, set_), n=n, seed=seed)
+    for path in paths:
         typer.echo(f"wrote {path}")
 
 

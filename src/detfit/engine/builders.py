@@ -24,6 +24,7 @@ from detfit.data import (
     train_transforms,
     validate,
 )
+from detfit.data.copy_paste import CopyPaste
 from detfit.data.formats.masks import read_mask_folder
 from detfit.data.sampling import EpochBatches, PerItemSeed, ShardBatches
 from detfit.errors import DetfitError
@@ -73,21 +74,21 @@ def build_datasets(
         root = resolve_pennfudan(given or cfg.data_root, download=download)
         records = read_mask_folder(root, ["person"])
         validate([records], spec.text or "pennfudan", log)
-        train_full = PennFudanDataset(root, train_transforms(cfg.hflip_prob, cfg.photometric))
+        train_full = PennFudanDataset(root, training_transforms(cfg))
         test_full = PennFudanDataset(root, eval_transforms())
         classes, most = list(PennFudanDataset.classes), most_objects(records)
         if held_out == "all":
             return Datasets(train_full, test_full, classes, max_objects=most, held_out="all")
         num_test = held_out_count(len(train_full), cfg, str(root), log)
         train, test = split_dataset(train_full, test_full, num_test, cfg.split_seed)
-        return Datasets(train, test, classes, max_objects=most)
+        return Datasets(with_copy_paste(cfg, train, True), test, classes, max_objects=most)
 
     train_set = spec.read("train")
     order = ("val", "test") if held_out == "val" else ("test", "val")
     unsplit = "all" if held_out == "all" else "split"
     source = next((s for s in order if getattr(spec, s) is not None), unsplit)
     eval_set = spec.read(source, train_set.classes) if source in ("val", "test") else None
-    train_tf = train_transforms(cfg.hflip_prob, cfg.photometric, train_set.keypoint_names)
+    train_tf = training_transforms(cfg, train_set.keypoint_names)
     validate([train_set] + ([eval_set] if eval_set else []), spec.text, log)
     if eval_set is not None or source == "all":
         train = DetectionDataset(train_set, train_tf, train=True)
@@ -101,7 +102,7 @@ def build_datasets(
             cfg.split_seed,
         )
     return Datasets(
-        train,
+        with_copy_paste(cfg, train, train_set.has_masks, spec.text),
         test,
         train_set.classes,
         train_set.category_ids,
@@ -110,6 +111,36 @@ def build_datasets(
         source,
         most_objects(train_set),
     )
+
+
+def augment_canvas(cfg: TrainConfig) -> int:
+    """The ssj/lsj canvas side: ``augment_size``, else the largest short side the model resizes
+    to (so the canvas is not shrunk again), else torchvision's default of 800."""
+    if cfg.augment_size:
+        return cfg.augment_size
+    sizes = cfg.model_options.get("min_size") or cfg.model_options.get("size") or 800
+    return max(sizes) if isinstance(sizes, list) else int(sizes)
+
+
+def training_transforms(cfg: TrainConfig, keypoint_names: list[str] | None = None):
+    """The training split's per-image augmentation, as the settings choose it."""
+    return train_transforms(
+        cfg.hflip_prob, cfg.photometric, keypoint_names, cfg.augment, augment_canvas(cfg)
+    )
+
+
+def with_copy_paste(
+    cfg: TrainConfig, train: Dataset, has_masks: bool, source: str = "pennfudan"
+) -> Dataset:
+    """The training split, pasting objects between its images when ``copy_paste`` is on."""
+    if not cfg.copy_paste:
+        return train
+    if not has_masks:
+        raise DetfitError(
+            f"copy_paste={cfg.copy_paste}: {source} has boxes only, and copy-paste needs masks "
+            "(set copy_paste: 0)"
+        )
+    return CopyPaste(train, cfg.copy_paste)
 
 
 def most_objects(records: AnnotatedSet) -> int:
