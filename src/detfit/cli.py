@@ -178,6 +178,14 @@ def eval_(
         ),
     ] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Write no pictures.")] = False,
+    tta: Annotated[
+        bool | None,
+        typer.Option(
+            "--tta/--no-tta",
+            help="Test-time augmentation: the image and its mirror, detections fused (default: "
+            "the run's tta setting).",
+        ),
+    ] = None,
 ) -> None:
     """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type, and
     AP per class), with PR curves, a confusion matrix and predictions beside ground truth.
@@ -196,6 +204,7 @@ def eval_(
         backend=backend,
         plots=None if no_plots else plots or default_plots_dir(checkpoint),
         log=lambda line: typer.echo(line, err=True),
+        tta=tta,
     )
     if not distributed.env_is_main():
         return
@@ -258,6 +267,9 @@ def predict(
     ] = None,
     device: Device = "auto",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    tta: Annotated[
+        bool, typer.Option("--tta", help="Test-time augmentation: the image and its mirror, fused.")
+    ] = False,
 ) -> None:
     """Draw masks, boxes, classes and scores; write <name>.png and <name>.json per image (videos:
     <name>.mp4 and <name>.jsonl per frame). Unusable inputs are one line each; exit 1 if any."""
@@ -276,6 +288,7 @@ def predict(
         image_ids=image_ids,
         progress=not quiet,
         log=lambda line: typer.echo(line, err=True),
+        tta=tta,
     )
     frames = f", {summary.frames} video frames" if summary.frames else ""
     typer.echo(f"{summary.images} images{frames}: wrote {len(summary.written)} files to {out}")

@@ -64,6 +64,7 @@ from detfit.models import (
     rebuild_model,
 )
 from detfit.models.speedups import speed_up
+from detfit.models.tta import tta_views
 from detfit.paths import DEFAULT_RUNS_DIR
 
 # Settings that may change when a run is resumed; any other change is refused.
@@ -438,6 +439,7 @@ class Trainer:
         )
         info = model_info(cfg.model, len(self.data.classes), self.data.classes, options, model)
         info["category_ids"] = self.data.category_ids
+        info["keypoint_names"] = self.data.keypoint_names  # test-time flips swap left and right
         return model, info
 
     def _default_callbacks(self) -> list[Callback]:
@@ -549,6 +551,7 @@ class Trainer:
                 progress=self.progress,
                 verbose=False,
                 backend=cfg.eval_backend,
+                tta=tta_views(cfg.tta, self.data.keypoint_names),
             )
             self.last_evaluation = result
             self.extra_metrics = {}

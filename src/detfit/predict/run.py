@@ -138,6 +138,7 @@ def predict_inputs(
     image_ids: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    tta: bool = False,
 ) -> Summary:
     """Predict every image and video; see the module docstring for what is written."""
     if batch_size < 1:
@@ -145,7 +146,7 @@ def predict_inputs(
     predictor = (
         model
         if isinstance(model, Predictor)
-        else Predictor(model, device, score_threshold=score_threshold, classes=classes)
+        else Predictor(model, device, score_threshold=score_threshold, classes=classes, tta=tta)
     )
     out = Path(out_dir) if out_dir else default_out()
     if out.exists() and not out.is_dir():
