@@ -84,6 +84,14 @@ def train(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    time_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--time",
+            help="Wall-clock budget, e.g. 30m or 1.5h: plans the epochs (at most --epochs) and "
+            "the lr schedule to end in it.",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune (Penn-Fudan by default, or --data), with a COCO evaluation after every epoch."""
     import torch
@@ -106,6 +114,7 @@ def train(
         device=device,
         out=str(out) if out else None,
         logger=logger,
+        time_budget=time_budget,
     )
     if resume is not None:
         if config is not None or recipe != "auto" or overwrite:

@@ -418,7 +418,11 @@ class TrainConfig(BaseModel):
         stats = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
         if iou_type not in ("bbox", "segm", "keypoints") or stat not in stats:
             names = [f"{t}_{s}" for t in ("bbox", "segm") for s in STAT_NAMES]
-            raise ValueError(one_of(name, names + [f"keypoints_{s}" for s in KEYPOINT_STAT_NAMES]))
+            names += [f"keypoints_{s}" for s in KEYPOINT_STAT_NAMES]
+            raise ValueError(
+                f"must be bbox_, segm_ or keypoints_ and a COCO number ({', '.join(STAT_NAMES)})"
+                + did_you_mean(name, names)
+            )
         return name
 
     @field_validator("eval_backend", mode="before")

@@ -229,16 +229,21 @@ def build_optimizer(
 
 
 def build_scheduler(
-    cfg: TrainConfig, optimizer: torch.optim.Optimizer, iters_per_epoch: int
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    iters_per_epoch: int,
+    epochs: Callable[[], int] | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-iteration schedule: linear warm-up (within the first epoch), then the chosen decay.
 
-    ``step`` and ``multistep`` count epochs like the tutorial's StepLR/MultiStepLR.
+    ``step`` and ``multistep`` count epochs like the tutorial's StepLR/MultiStepLR. ``epochs``:
+    where the schedule ends, asked at every step (a time budget plans it while training);
+    None: ``cfg.epochs``.
     """
     warmup = max(1, min(cfg.warmup_iters, iters_per_epoch - 1)) if cfg.warmup_iters > 0 else 0
-    total = cfg.epochs * iters_per_epoch
 
     def decay(it: int) -> float:
+        total = (epochs() if epochs is not None else cfg.epochs) * iters_per_epoch
         epoch = it // iters_per_epoch
         if cfg.lr_schedule == "step":
             return cfg.lr_gamma ** (epoch // cfg.lr_step_size)
