@@ -265,6 +265,24 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(landscape_root, tmp_path
     assert load_checkpoint(out)["global_step"] == 2
 
 
+def test_a_time_budget_stops_every_rank_together(landscape_root, tmp_path):
+    """Rank 1's steps of epoch 2 take 21 (virtual) seconds: it must stop at once, so every rank
+    stops there, evaluates and saves, instead of waiting for one another."""
+    out = tmp_path / "run"
+    config = job_config(landscape_root, out, time_budget="40s", lr_schedule="cosine")
+    job = {"config": config, "slow_rank_epoch_by": [1, 1, 20.0]}
+    result = run(torchrun("--standalone", JOB, json.dumps(job)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "time budget 40s: planned 3 epochs" in result.stdout
+    assert (
+        "stopping after epoch 2/3: the time budget (40s) leaves only the time to evaluate, "
+        "at iteration 1/2" in result.stdout
+    )
+    stopped = load_checkpoint(out)
+    assert (stopped["epoch"], stopped["iteration"], stopped["evaluated"]) == (2, 1, True)
+    assert len(json.loads((out / "metrics.json").read_text())) == 2
+
+
 @pytest.mark.slow
 def test_two_nodes_on_localhost(synthetic_root, tmp_path):
     out = tmp_path / "run"

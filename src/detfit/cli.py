@@ -123,6 +123,14 @@ def train(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    time_budget: Annotated[
+        str | None,
+        typer.Option(
+            "--time",
+            help="Wall-clock budget, e.g. 30m or 1.5h: plans the epochs (at most --epochs) and "
+            "the lr schedule to end in it.",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune (Penn-Fudan by default, or --data), with a COCO evaluation after every epoch."""
     import torch
@@ -151,6 +159,7 @@ def train(
         device=device,
         out=str(out) if out else None,
         logger=logger,
+        time_budget=time_budget,
     )
     if resume is not None:
         if config is not None or recipe != "auto" or overwrite:
@@ -227,6 +236,14 @@ def eval_(
         ),
     ] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Write no pictures.")] = False,
+    tta: Annotated[
+        bool | None,
+        typer.Option(
+            "--tta/--no-tta",
+            help="Test-time augmentation: the image and its mirror, detections fused (default: "
+            "the run's tta setting).",
+        ),
+    ] = None,
 ) -> None:
     """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type, and
     AP per class), with PR curves, a confusion matrix and predictions beside ground truth.
@@ -245,6 +262,7 @@ def eval_(
         backend=backend,
         plots=None if no_plots else plots or default_plots_dir(checkpoint),
         log=lambda line: typer.echo(line, err=True),
+        tta=tta,
     )
     if not distributed.env_is_main():
         return
@@ -314,6 +332,9 @@ def predict(
     overwrite: Annotated[
         bool, typer.Option(help="Replace the outputs of an earlier prediction in --out.")
     ] = False,
+    tta: Annotated[
+        bool, typer.Option("--tta", help="Test-time augmentation: the image and its mirror, fused.")
+    ] = False,
 ) -> None:
     """Draw masks, boxes, classes and scores; write <name>.png and <name>.json per image (videos:
     <name>.mp4 and <name>.jsonl per frame). Unusable inputs are one line each; exit 1 if any."""
@@ -333,6 +354,7 @@ def predict(
         overwrite=overwrite,
         progress=not quiet,
         log=lambda line: typer.echo(line, err=True),
+        tta=tta,
     )
     frames = f", {summary.frames} video frames" if summary.frames else ""
     typer.echo(f"{summary.images} images{frames}: wrote {len(summary.written)} files to {out}")
@@ -483,16 +505,32 @@ def data_show(
     n: Annotated[int, typer.Option("--n", min=1, help="Images on the contact sheet.")] = 16,
     split: Annotated[str, typer.Option(help="Which split: train, val or test.")] = "train",
     seed: Annotated[int, typer.Option(help="Seed of the images chosen.")] = 0,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment",
+            help="Also write augmented.jpg: training images as augmentation changes them "
+            "(choose it with --set augment=lsj --set copy_paste=0.5 ...).",
+        ),
+    ] = False,
+    set_: Annotated[
+        list[str], typer.Option("--set", help="With --augment: a training setting as KEY=VALUE.")
+    ] = [],  # noqa: B006
 ) -> None:
     """Look at a dataset: samples.jpg (N images with boxes, masks and class names drawn) and
     labels.png (instances per class, box sizes, aspect ratios, where box centres fall)."""
-    from detfit.plots.dataset import show_dataset
+    from detfit.plots.dataset import show_augmented, show_dataset
 
     if out is None:
         from detfit.engine.trainer import new_run_dir
 
         out = new_run_dir("data-show")
-    for path in show_dataset(dataset, out, n=n, split=split, seed=seed):
+    paths = show_dataset(dataset, out, n=n, split=split, seed=seed)
+    if augment:
+        from detfit.config import merge_settings
+
+        paths += show_augmented(dataset, out, merge_settings({}, None, set_), n=n, seed=seed)
+    for path in paths:
         typer.echo(f"wrote {path}")
 
 

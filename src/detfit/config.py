@@ -199,6 +199,23 @@ def one_of(name: str, choices: Sequence[str]) -> str:
     return f"must be one of {', '.join(choices)}{did_you_mean(name, choices)}"
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30m``, ``1.5h``, ``900s`` (a plain number counts seconds)."""
+    value, unit = text.strip(), "s"
+    if value and value[-1].lower() in _DURATION_UNITS:
+        value, unit = value[:-1], value[-1].lower()
+    try:
+        seconds = float(value) * _DURATION_UNITS[unit]
+    except ValueError:
+        raise ValueError("must be a duration such as 30m, 1.5h or 900s") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError("must be a positive duration such as 30m, 1.5h or 900s")
+    return seconds
+
+
 # The COCO metric's implementations (detfit.eval.backends), the same numbers from each.
 EvalBackend = Literal["faster-coco-eval", "pycocotools"]
 # Memory layouts for the model's 4-D weights and activations (detfit.models.speedups).
@@ -254,6 +271,37 @@ class TrainConfig(BaseModel):
     )
     photometric: bool = Field(False, description="colour jitter while training")
     hflip_prob: Fraction = Field(0.5, description="probability of a horizontal flip in training")
+    # augmentation, test-time augmentation, time budget and early stopping (docs/augmentation.md)
+    augment: Literal["basic", "ssj", "lsj"] = Field(
+        "basic",
+        description="basic: flip, colour, the model's size list; ssj/lsj: also rescale by "
+        "0.8-1.25 / 0.1-2.0 and crop or pad to a square canvas",
+    )
+    augment_size: PositiveInt | None = Field(
+        None,
+        description="ssj/lsj canvas side in pixels; None: the largest model_options.min_size "
+        "(800 without one)",
+    )
+    copy_paste: Fraction = Field(
+        0.0,
+        description="probability of pasting some objects of another training image (needs masks)",
+    )
+    tta: bool = Field(
+        False, description="evaluate with test-time augmentation (the image and its mirror)"
+    )
+    time_budget: str | None = Field(
+        None,
+        description="wall-clock budget for training and its evaluations, e.g. 30m, 1.5h, 900s: "
+        "plans the epochs and the lr schedule to end in it",
+    )
+    patience: PositiveInt | None = Field(
+        None, description="stop after N evaluations without a better best_metric; None: never"
+    )
+    best_metric: str | None = Field(
+        None,
+        description="IOUTYPE_STAT that picks best.pt and patience watches, e.g. segm_AP50; "
+        "None: segm_AP for mask models, else bbox_AP",
+    )
     # optimisation (the tutorial's by default)
     epochs: Annotated[PositiveInt, Field(le=100_000)] = Field(10, description="training epochs")
     max_iters_per_epoch: PositiveInt | None = Field(
@@ -370,6 +418,31 @@ class TrainConfig(BaseModel):
     def _known_recipe(cls, name: str) -> str:
         if name not in RECIPES:
             raise ValueError(one_of(name, list(RECIPES)))
+        return name
+
+    @field_validator("time_budget")
+    @classmethod
+    def _duration(cls, text: str | None) -> str | None:
+        if text is not None:
+            parse_duration(text)
+        return text
+
+    @field_validator("best_metric")
+    @classmethod
+    def _metric_name(cls, name: str | None) -> str | None:
+        if name is None:
+            return name
+        iou_type, _, stat = name.partition("_")
+        from detfit.eval.coco import KEYPOINT_STAT_NAMES, STAT_NAMES
+
+        stats = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+        if iou_type not in ("bbox", "segm", "keypoints") or stat not in stats:
+            names = [f"{t}_{s}" for t in ("bbox", "segm") for s in STAT_NAMES]
+            names += [f"keypoints_{s}" for s in KEYPOINT_STAT_NAMES]
+            raise ValueError(
+                f"must be bbox_, segm_ or keypoints_ and a COCO number ({', '.join(STAT_NAMES)})"
+                + did_you_mean(name, names)
+            )
         return name
 
     @field_validator("eval_backend", mode="before")

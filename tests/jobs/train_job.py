@@ -1,5 +1,6 @@
 """A training job for torchrun tests that need a deterministic event: a SIGTERM sent by rank 0 to
-itself after a given global step, or a NaN loss on one rank at one step.
+itself after a given global step, a NaN loss on one rank at one step, or a virtual clock (steps
+1 s, evaluations 1 s per image) on which one rank's steps of one epoch are slower.
 
     torchrun --nproc_per_node 2 tests/jobs/train_job.py '{"config": {...}, "signal_at": 3}'
 """
@@ -51,6 +52,31 @@ class NanAt(Callback):
         rpn.forward = poisoned
 
 
+class VirtualClock(Callback):
+    """The trainer's clock: 1 s per step (plus ``slow`` on rank ``rank`` in epoch ``epoch``)
+    and 1 s per evaluated image, so a time budget's decisions are exact numbers."""
+
+    def __init__(self, rank: int, epoch: int, slow: float) -> None:
+        self.rank, self.epoch, self.slow, self.now = rank, epoch, slow, 0.0
+        import detfit.engine.trainer as trainer_module
+
+        real = trainer_module.evaluate
+
+        def evaluate(model, loader, *args, **kwargs):
+            batches = list(loader)
+            self.now += sum(len(images) for images, _ in batches)
+            return real(model, batches, *args, **kwargs)
+
+        trainer_module.evaluate = evaluate
+
+    def __call__(self) -> float:
+        return self.now
+
+    def on_step_end(self, trainer, result):
+        slow = distributed.rank() == self.rank and trainer.epoch == self.epoch
+        self.now += 1.0 + (self.slow if slow else 0.0)
+
+
 def main() -> None:
     job = json.loads(sys.argv[1])
     callbacks = []
@@ -58,9 +84,15 @@ def main() -> None:
         callbacks.append(SignalAt(job["signal_at"]))
     if job.get("nan_at"):
         callbacks.append(NanAt(*job["nan_at"]))
+    clock = VirtualClock(*job["slow_rank_epoch_by"]) if job.get("slow_rank_epoch_by") else None
+    if clock is not None:
+        callbacks.append(clock)
     cfg = TrainConfig.from_dict(job["config"])
     try:
-        Trainer(cfg, callbacks=callbacks, progress=False).fit()
+        trainer = Trainer(cfg, callbacks=callbacks, progress=False)
+        if clock is not None:
+            trainer.clock = clock
+        trainer.fit()
     except Interrupted as exc:
         if distributed.env_is_main():
             print(f"detfit: {exc}", file=sys.stderr)

@@ -24,6 +24,7 @@ from detfit.data import (
     train_transforms,
     validate,
 )
+from detfit.data.copy_paste import CopyPaste
 from detfit.data.formats.masks import read_mask_folder
 from detfit.data.sampling import EpochBatches, PerItemSeed, ShardBatches
 from detfit.errors import DetfitError
@@ -73,21 +74,21 @@ def build_datasets(
         root = resolve_pennfudan(given or cfg.data_root, download=download)
         records = read_mask_folder(root, ["person"])
         validate([records], spec.text or "pennfudan", log, max_pixels=cfg.max_pixels)
-        train_full = PennFudanDataset(root, train_transforms(cfg.hflip_prob, cfg.photometric))
+        train_full = PennFudanDataset(root, training_transforms(cfg))
         test_full = PennFudanDataset(root, eval_transforms())
         classes, most = list(PennFudanDataset.classes), most_objects(records)
         if held_out == "all":
             return Datasets(train_full, test_full, classes, max_objects=most, held_out="all")
         num_test = held_out_count(len(train_full), cfg, str(root), log)
         train, test = split_dataset(train_full, test_full, num_test, cfg.split_seed)
-        return Datasets(train, test, classes, max_objects=most)
+        return Datasets(with_copy_paste(cfg, train, True), test, classes, max_objects=most)
 
     train_set = spec.read("train")
     order = ("val", "test") if held_out == "val" else ("test", "val")
     unsplit = "all" if held_out == "all" else "split"
     source = next((s for s in order if getattr(spec, s) is not None), unsplit)
     eval_set = spec.read(source, train_set.classes) if source in ("val", "test") else None
-    train_tf = train_transforms(cfg.hflip_prob, cfg.photometric, train_set.keypoint_names)
+    train_tf = training_transforms(cfg, train_set.keypoint_names)
     validate(
         [train_set] + ([eval_set] if eval_set else []), spec.text, log, max_pixels=cfg.max_pixels
     )
@@ -103,7 +104,7 @@ def build_datasets(
             cfg.split_seed,
         )
     return Datasets(
-        train,
+        with_copy_paste(cfg, train, train_set.has_masks, spec.text),
         test,
         train_set.classes,
         train_set.category_ids,
@@ -112,6 +113,36 @@ def build_datasets(
         source,
         most_objects(train_set),
     )
+
+
+def augment_canvas(cfg: TrainConfig) -> int:
+    """The ssj/lsj canvas side: ``augment_size``, else the largest short side the model resizes
+    to (so the canvas is not shrunk again), else torchvision's default of 800."""
+    if cfg.augment_size:
+        return cfg.augment_size
+    sizes = cfg.model_options.get("min_size") or cfg.model_options.get("size") or 800
+    return max(sizes) if isinstance(sizes, list) else int(sizes)
+
+
+def training_transforms(cfg: TrainConfig, keypoint_names: list[str] | None = None):
+    """The training split's per-image augmentation, as the settings choose it."""
+    return train_transforms(
+        cfg.hflip_prob, cfg.photometric, keypoint_names, cfg.augment, augment_canvas(cfg)
+    )
+
+
+def with_copy_paste(
+    cfg: TrainConfig, train: Dataset, has_masks: bool, source: str = "pennfudan"
+) -> Dataset:
+    """The training split, pasting objects between its images when ``copy_paste`` is on."""
+    if not cfg.copy_paste:
+        return train
+    if not has_masks:
+        raise DetfitError(
+            f"copy_paste={cfg.copy_paste}: {source} has boxes only, and copy-paste needs masks "
+            "(set copy_paste: 0)"
+        )
+    return CopyPaste(train, cfg.copy_paste)
 
 
 def most_objects(records: AnnotatedSet) -> int:
@@ -200,16 +231,21 @@ def build_optimizer(
 
 
 def build_scheduler(
-    cfg: TrainConfig, optimizer: torch.optim.Optimizer, iters_per_epoch: int
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    iters_per_epoch: int,
+    epochs: Callable[[], int] | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A per-iteration schedule: linear warm-up (within the first epoch), then the chosen decay.
 
-    ``step`` and ``multistep`` count epochs like the tutorial's StepLR/MultiStepLR.
+    ``step`` and ``multistep`` count epochs like the tutorial's StepLR/MultiStepLR. ``epochs``:
+    where the schedule ends, asked at every step (a time budget plans it while training);
+    None: ``cfg.epochs``.
     """
     warmup = max(1, min(cfg.warmup_iters, iters_per_epoch - 1)) if cfg.warmup_iters > 0 else 0
-    total = cfg.epochs * iters_per_epoch
 
     def decay(it: int) -> float:
+        total = (epochs() if epochs is not None else cfg.epochs) * iters_per_epoch
         epoch = it // iters_per_epoch
         if cfg.lr_schedule == "step":
             return cfg.lr_gamma ** (epoch // cfg.lr_step_size)

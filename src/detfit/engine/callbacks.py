@@ -138,6 +138,32 @@ def is_new_best(history: list[dict[str, Any]], key: str) -> bool:
     return last[key] > max((row[key] for row in earlier), default=-1.0)
 
 
+def evaluations_since_best(history: list[dict[str, Any]], key: str) -> int:
+    """Evaluations after the first one that reached the best ``key`` so far (0: the last is)."""
+    values = [row[key] for row in history]
+    return len(values) - 1 - values.index(max(values)) if values else 0
+
+
+class Patience(Callback):
+    """Stop after ``patience`` evaluations in a row that do not beat the best ``best_metric``
+    (setting ``patience``). It reads the history alone, so a resumed run stops where the
+    uninterrupted one would."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        key = trainer.metric_key
+        since = evaluations_since_best(trainer.history, key)
+        if since >= self.patience and trainer.epoch + 1 < trainer.planned_epochs:
+            best = trainer.history[-1 - since]
+            trainer.should_stop = True
+            trainer.stop_reason = (
+                f"patience {self.patience}: {key} has not beaten {best[key]:.4f} (epoch "
+                f"{best['epoch']}) for {since} evaluations"
+            )
+
+
 class MetricsWriter(Callback):
     """``metrics.json`` and ``metrics.csv``: one row per epoch, rewritten atomically after the
     epoch's checkpoint (so they never list an epoch that ``last.pt`` lacks)."""

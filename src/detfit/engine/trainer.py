@@ -11,6 +11,7 @@ about ranks live in :mod:`detfit.distributed`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shlex
@@ -26,6 +27,11 @@ import torch
 from detfit import distributed
 from detfit.config import RECIPES, SPEED_UPS_OFF, TrainConfig
 from detfit.data.spec import absolute_spec
+from detfit.engine.budget import (
+    PROBE_EVAL_BATCHES,
+    TimeBudget,
+    format_duration,
+)
 from detfit.engine.builders import (
     Datasets,
     build_datasets,
@@ -40,6 +46,7 @@ from detfit.engine.callbacks import (
     Checkpointer,
     ConsoleLog,
     MetricsWriter,
+    Patience,
     Plots,
     ProgressBar,
     ValidationLoss,
@@ -69,6 +76,7 @@ from detfit.models import (
     rebuild_model,
 )
 from detfit.models.speedups import speed_up
+from detfit.models.tta import tta_views
 from detfit.paths import DEFAULT_RUNS_DIR
 
 # Settings that may change when a run is resumed; any other change is refused.
@@ -84,6 +92,8 @@ RESUMABLE = (
     "eval_backend",
     "plots",
     "logger",
+    "time_budget",
+    "patience",
     *SPEED_UPS_OFF,  # execution only: the function, state dict and optimizer state are the same
 )
 
@@ -181,6 +191,16 @@ def options_for_data(
     return options
 
 
+def best_metric_key(cfg: TrainConfig) -> str:
+    """The metrics column that picks best.pt and that patience watches: ``best_metric``, else
+    segm_AP for a mask model and bbox_AP otherwise. One the model is not scored on is refused."""
+    scored = iou_types(cfg.model)
+    key = cfg.best_metric or ("segm_AP" if "segm" in scored else "bbox_AP")
+    if key.split("_")[0] not in scored:
+        raise DetfitError(f"best_metric={key}: {cfg.model} is scored on {', '.join(scored)} only")
+    return key
+
+
 def loss_weights_for(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, float]:
     """The recipe's loss weights that apply to ``cfg.model``: a box model ignores ``loss_mask``
     (and a model without keypoints ``loss_keypoint``), with one line saying so."""
@@ -252,6 +272,11 @@ class Trainer:
         self.seconds_before = 0.0  # training time before a resume
         self.lock: RunLock | None = None  # the run folder's, held by rank 0 while it writes
         self._resumed_stat: tuple[int, int] | None = None
+        self.budget: TimeBudget | None = None  # the time_budget's plan (detfit.engine.budget)
+        self.stop_reason: str | None = None  # why the run ended before its last epoch
+        self.clock: Callable[[], float] = time.perf_counter  # what minutes and budgets count
+        self._probe_from: tuple[float, int] | None = None  # (time, iteration) the probe began
+        self._planned = False  # the plan's first line is written
 
     # ---- public helpers for callbacks -------------------------------------------------------
     def log(self, message: str) -> None:
@@ -261,11 +286,16 @@ class Trainer:
 
     def epoch_label(self) -> str:
         """``epoch 3/10``: how every line, bar and resume message counts epochs (from 1)."""
-        return f"epoch {self.epoch + 1}/{self.cfg.epochs}"
+        return f"epoch {self.epoch + 1}/{self.planned_epochs}"
+
+    @property
+    def planned_epochs(self) -> int:
+        """The epochs this run trains: ``epochs``, or fewer where the time budget plans so."""
+        return self.budget.planned if self.budget is not None else self.cfg.epochs
 
     @property
     def minutes(self) -> float:
-        return (self.seconds_before + time.perf_counter() - self._t0) / 60
+        return (self.seconds_before + self.clock() - self._t0) / 60
 
     def save_checkpoint(self, name: str, resumable: bool = True) -> Path:
         """Write ``run_dir/name`` with everything needed to continue from this very step (every
@@ -322,15 +352,22 @@ class Trainer:
         self.run_dir = path if path.is_dir() else path.parent
         cfg = TrainConfig.from_dict(ckpt["config"], f"{self.run_dir}/last.pt")
         self._check_same_run(cfg)
-        self._apply_overrides(cfg)
+        changed = self._apply_overrides(cfg)
         done = len(ckpt.get("history", []))
         complete = cfg.epochs < done or (cfg.epochs == done and ckpt.get("evaluated", True))
+        planned = (ckpt.get("budget") or {}).get("planned", cfg.epochs)
+        if ckpt.get("stopped") and ckpt.get("evaluated", True):
+            # a time budget or patience ended it: done, unless one of those settings changed
+            complete = complete or not {"epochs", "time_budget", "patience"} & set(changed)
+        elif planned == done and ckpt.get("evaluated", True) and "time_budget" not in changed:
+            complete = complete or "epochs" not in changed
         if complete and finished_ok:
             self.finished = True
         elif complete:
+            why = f" ({ckpt['stopped']})" if ckpt.get("stopped") else ""
             raise DetfitError(
-                f"--resume {self.run_dir}: the run has already trained {done} epoch(s); "
-                f"give --epochs N with N > {done} to train it further"
+                f"--resume {self.run_dir}: the run has already trained {done} epoch(s){why}; "
+                f"give --epochs N with N > {done} (or a longer --time) to train it further"
             )
         self.cfg, self.checkpoint = cfg, ckpt
 
@@ -348,7 +385,8 @@ class Trainer:
                 "elsewhere: resume that run's own folder"
             )
 
-    def _apply_overrides(self, cfg: TrainConfig) -> None:
+    def _apply_overrides(self, cfg: TrainConfig) -> dict[str, Any]:
+        """Apply the resumable overrides to ``cfg``; returns the settings that changed."""
         changed = {
             k: v
             for k, v in self.overrides.items()
@@ -363,6 +401,7 @@ class Trainer:
             )
         for key, value in changed.items():
             setattr(cfg, key, value)
+        return changed
 
     def _restart_from_scratch(self, run_dir: Path) -> None:
         """--resume of a run that stopped before its first checkpoint: nothing to continue, so it
@@ -495,10 +534,13 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.module, lr)
         batches = self.loaders.batches.batches_per_epoch()
         self.iters_per_epoch = min(batches, cfg.max_iters_per_epoch or batches)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.iters_per_epoch)
+        self.budget = self._time_budget()
+        self.scheduler = build_scheduler(
+            cfg, self.optimizer, self.iters_per_epoch, epochs=lambda: self.planned_epochs
+        )
         use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
-        self.metric_key = "segm_AP" if "segm" in iou_types(cfg.model) else "bbox_AP"
+        self.metric_key = best_metric_key(cfg)
         self.model = distributed.wrap(self.module, self.device)
         self.step = TrainStep(
             self.model,
@@ -525,7 +567,7 @@ class Trainer:
                 f"{cfg.global_batch_size}; lr {lr:g} (lr_scaling {cfg.lr_scaling}"
                 + (f": {cfg.lr:g} x {self.world_size})" if cfg.lr_scaling == "linear" else ")")
             )
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
 
     def _start_writing(self, cfg: TrainConfig) -> None:
         """Rank 0: make and lock the folder (a race for a new one is decided here: the second
@@ -564,6 +606,7 @@ class Trainer:
         )
         info = model_info(cfg.model, len(self.data.classes), self.data.classes, options, model)
         info["category_ids"] = self.data.category_ids
+        info["keypoint_names"] = self.data.keypoint_names  # test-time flips swap left and right
         return model, info
 
     def _default_callbacks(self) -> list[Callback]:
@@ -571,6 +614,8 @@ class Trainer:
         callbacks: list[Callback] = [EMA(cfg.ema_decay)] if cfg.ema_decay else []
         if cfg.val_loss:
             callbacks.append(ValidationLoss())
+        if cfg.patience:  # before the checkpoint, which records why the run stops
+            callbacks.append(Patience(cfg.patience))
         # the checkpoint before the metrics files: they never list an epoch last.pt lacks
         callbacks += [Checkpointer(cfg.checkpoint_every_iters), MetricsWriter(), ConsoleLog()]
         if cfg.plots:
@@ -603,6 +648,8 @@ class Trainer:
             "history": self.history,
             "metric_key": self.metric_key,
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+            "budget": self.budget.state_dict() if self.budget is not None else None,
+            "stopped": self.stop_reason,
         }
         if self.eval_model is not self.module:
             payload["train_model"] = self.module.state_dict()
@@ -657,25 +704,25 @@ class Trainer:
 
     def _train(self) -> None:
         cfg = self.cfg
-        first = self.epoch + 1 if self.evaluated else self.epoch
-        for epoch in range(first, cfg.epochs):
+        epoch = self.epoch + 1 if self.evaluated else self.epoch
+        if self.budget is not None and not self.budget.measured:
+            self.log(
+                f"time budget {cfg.time_budget}: timing the first iterations and an evaluation "
+                f"to plan the epochs (at most {self.budget.cap}, the epochs setting)"
+            )
+        while epoch < self.planned_epochs:
             if epoch != self.epoch or self.evaluated:
                 self.epoch, self.iteration, self.evaluated = epoch, 0, False
                 self.meter = LossMeter()
+            began, began_at = self.clock(), self.iteration
             self._fire("on_epoch_start")
             if self.iteration < self.iters_per_epoch:
                 self._train_epoch()
             self.meter.stop()
-            result = evaluate(
-                self.eval_model,
-                self.loaders.test,
-                self.device,
-                iou_types=iou_types(cfg.model),
-                classes=self.data.classes,
-                progress=self.progress,
-                verbose=False,
-                backend=cfg.eval_backend,
-            )
+            evaluating = self.clock()
+            result = self._evaluate(self.loaders.test)
+            if self.budget is not None:
+                self.budget.eval_seconds = self.clock() - evaluating
             self.last_evaluation = result
             self.extra_metrics = {}
             self._fire("on_evaluation", result)
@@ -685,9 +732,32 @@ class Trainer:
             self._fire("on_epoch_end", row)
             if distributed.any_rank(self.stop.requested):
                 self._interrupt()
-            if distributed.any_rank(self.should_stop):
-                self.log(f"stopping after {self.epoch_label()}: a callback asked to")
+            if distributed.any_rank(self.should_stop) or self.stop_reason:
+                reason = self.stop_reason or "a callback asked to"
+                self.log(f"stopping after {self.epoch_label()}: {reason}")
                 break
+            if self.budget is not None:
+                self._replan(began if began_at == 0 else None)
+            epoch += 1
+        else:
+            if self.budget is not None:
+                self.log(
+                    f"time budget {cfg.time_budget}: {self.planned_epochs} epochs trained and "
+                    f"evaluated in {format_duration(self.minutes * 60)}"
+                )
+
+    def _evaluate(self, loader: Any) -> EvaluationResult:
+        return evaluate(
+            self.eval_model,
+            loader,
+            self.device,
+            iou_types=iou_types(self.cfg.model),
+            classes=self.data.classes,
+            progress=self.progress,
+            verbose=False,
+            backend=self.cfg.eval_backend,
+            tta=tta_views(self.cfg.tta, self.data.keypoint_names),
+        )
 
     def _train_epoch(self) -> None:
         self.loaders.set_epoch(self.epoch, skip=self.iteration)
@@ -696,6 +766,7 @@ class Trainer:
             if self.iteration >= self.iters_per_epoch:
                 break
             where = f"{self.epoch_label()}, iteration {self.iteration + 1}"
+            stepping = self.clock()
             result: StepResult = self.step(images, targets, stop=self.stop.requested, where=where)
             self.iteration += 1
             self.global_step += 1
@@ -703,6 +774,103 @@ class Trainer:
             self._fire("on_step_end", result)
             if result.stop:
                 self._interrupt()
+            if self.budget is not None and self._out_of_time(self.clock() - stepping):
+                break
+
+    # ---- the time budget (detfit.engine.budget) -----------------------------------------
+    def _time_budget(self) -> TimeBudget | None:
+        """The run's budget: a new one, or the checkpoint's plan (a new cap when ``epochs``
+        changed on resume); None without ``time_budget``."""
+        cfg, ckpt = self.cfg, self.checkpoint
+        if not cfg.time_budget:
+            return None
+        fresh = TimeBudget.from_setting(cfg.time_budget, cfg.epochs)
+        state = (ckpt or {}).get("budget")
+        if not state:
+            return fresh
+        budget = TimeBudget.from_state(state)
+        budget.seconds, budget.cap = fresh.seconds, cfg.epochs
+        budget.planned = min(max(budget.planned, len(ckpt["history"])), cfg.epochs)
+        if ckpt.get("evaluated", True) and budget.measured and ckpt["history"]:
+            # a new budget or cap on resume: plan from the last epoch's cost
+            cost = budget.seconds_per_iter * self.iters_per_epoch + budget.eval_seconds
+            budget.plan(float(ckpt.get("seconds", 0.0)), len(ckpt["history"]), 0.0, cost)
+        return budget
+
+    def _out_of_time(self, last_step: float) -> bool:
+        """After a step that took ``last_step`` seconds: time the probe and plan; whether the
+        epoch must end now, another step like it and the evaluation no longer fitting (the same
+        answer on every rank)."""
+        if not self.budget.measured:
+            self._probe()
+            return False
+        if self.iteration >= self.iters_per_epoch:
+            return False  # the evaluation comes next anyway
+        late = self.budget.must_stop_now(self.minutes * 60 + last_step)
+        if distributed.any_rank(late):
+            self.stop_reason = (
+                f"the time budget ({self.cfg.time_budget}) leaves only the time to evaluate, "
+                f"at iteration {self.iteration}/{self.iters_per_epoch}"
+            )
+            return True
+        return False
+
+    def _probe(self) -> None:
+        """Time the run's iterations after its first (which pays for allocations), up to
+        PROBE_ITERS, then an evaluation of a few held-out batches, scaled to the whole split,
+        and make the first plan. An epoch that ends sooner times its own evaluation instead."""
+        from detfit.engine import budget as budget_module
+
+        now = self.clock()
+        if self._probe_from is None:
+            self._probe_from = (now, self.iteration)
+            return
+        start, first = self._probe_from
+        steps = self.iteration - first
+        epoch_over = self.iteration >= self.iters_per_epoch
+        if steps < budget_module.PROBE_ITERS - 1 and not epoch_over:
+            return
+        self.budget.seconds_per_iter = distributed.broadcast_from_main((now - start) / steps)
+        if epoch_over:
+            return  # the plan follows the epoch's evaluation (_replan)
+        evaluating = self.clock()
+        batches = list(itertools.islice(self.loaders.test, PROBE_EVAL_BATCHES))
+        self._evaluate(batches)
+        scale = len(self.loaders.test) / max(len(batches), 1)
+        seconds = distributed.broadcast_from_main((self.clock() - evaluating) * scale)
+        self.budget.eval_seconds = seconds
+        left = (self.iters_per_epoch - self.iteration) * self.budget.seconds_per_iter + seconds
+        self._plan(left, self.budget.seconds_per_iter * self.iters_per_epoch + seconds)
+
+    def _replan(self, epoch_started: float | None) -> None:
+        """After an epoch: plan again from what the epoch really cost, evaluation and
+        checkpoints included (estimated from the measured rates when it was resumed part way)."""
+        budget = self.budget
+        if budget.seconds_per_iter is None:
+            return
+        if epoch_started is not None:
+            cost = self.clock() - epoch_started
+        else:
+            cost = budget.seconds_per_iter * self.iters_per_epoch + budget.eval_seconds
+        self._plan(0.0, distributed.broadcast_from_main(cost))
+
+    def _plan(self, finish_current: float, epoch_cost: float) -> None:
+        """Plan, on rank 0's numbers; the first plan is one line saying why, later changes too."""
+        budget, before = self.budget, self.budget.planned
+        why = budget.plan(self.minutes * 60, self.epoch + 1, finish_current, epoch_cost)
+        budget.planned = distributed.broadcast_from_main(budget.planned)
+        if not self._planned:
+            rate = (
+                f"{budget.seconds_per_iter:.2f} s per iteration x {self.iters_per_epoch} + "
+                f"{format_duration(budget.eval_seconds)} evaluation"
+            )
+            self.log(
+                f"time budget {self.cfg.time_budget}: planned {budget.planned} epochs ({rate}; "
+                f"{why}); the learning-rate schedule ends there"
+            )
+        elif budget.planned != before:
+            self.log(f"time budget: now {budget.planned} epochs instead of {before} ({why})")
+        self._planned = True
 
     def _metrics_row(self, result: EvaluationResult) -> dict[str, Any]:
         train = self.meter.summary(self.optimizer.param_groups[0]["lr"])

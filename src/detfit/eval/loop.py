@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from detfit import distributed
 from detfit.eval.coco import CocoEvaluator
 from detfit.models import iou_types as model_iou_types
+from detfit.models.tta import TTA, tta_predict
 
 
 def as_float_image(image) -> torch.Tensor:
@@ -64,11 +65,13 @@ def evaluate(
     progress: bool = True,
     verbose: bool = True,
     backend: str | None = None,
+    tta: TTA | None = None,
 ) -> EvaluationResult:
     """COCO evaluation of ``model`` on ``data_loader`` (bbox, and segm/keypoints when the model
     has those heads). Under torchrun each rank passes a loader over its own share of the images
     (:class:`~detfit.data.sampling.ShardBatches`); the result is the single-process one.
-    ``backend``: the COCO metric's implementation (``eval_backend``; None: its default)."""
+    ``backend``: the COCO metric's implementation (``eval_backend``; None: its default).
+    ``tta``: score test-time augmented detections (:mod:`detfit.models.tta`)."""
     device = torch.device(device)
     model = distributed.unwrap(model)
     model.eval()
@@ -82,7 +85,7 @@ def evaluate(
     )
     for images, targets in bar:
         images = [as_float_image(im).to(device) for im in images]
-        outputs = model(images)
+        outputs = tta_predict(model, images, tta) if tta is not None else model(images)
         sizes = [tuple(im.shape[-2:]) for im in images]
         evaluator.process(targets, [{k: v.cpu() for k, v in o.items()} for o in outputs], sizes)
     evaluator.gather()

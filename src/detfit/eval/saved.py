@@ -31,12 +31,14 @@ def evaluate_checkpoint(
     backend: str | None = None,
     plots: str | Path | None = None,
     log: Callable[[str], None] = print,
+    tta: bool | None = None,
 ) -> EvaluationResult:
     """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data`` (its test or
     val split when it names one, else every image), with the COCO metric ``backend`` (None: the
     run's ``eval_backend``). ``verbose`` prints the metric's summary table per IoU type (not its
     index-building chatter); ``plots`` names a folder for the PR curves, confusion matrix and
-    ``val_predictions.jpg``; ``log`` gets one line saying which images are scored.
+    ``val_predictions.jpg``; ``log`` gets one line saying which images are scored; ``tta``:
+    with test-time augmentation (None: as the run's ``tta`` setting).
 
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
@@ -46,6 +48,7 @@ def evaluate_checkpoint(
     from detfit.engine.checkpoint import load_checkpoint, run_checkpoint
     from detfit.models import rebuild_model
     from detfit.models.speedups import speed_up
+    from detfit.models.tta import tta_views
 
     if backend is not None:
         check_backend(backend, "--backend")  # before the (slow) checkpoint is read
@@ -91,6 +94,9 @@ def evaluate_checkpoint(
             progress=progress,
             verbose=False,
             backend=cfg.eval_backend,
+            tta=tta_views(
+                cfg.tta if tta is None else tta, ckpt["model_info"].get("keypoint_names")
+            ),
         )
         if main() and verbose:
             for iou_type, coco_eval in result.coco_eval.items():

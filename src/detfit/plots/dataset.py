@@ -147,3 +147,32 @@ def show_dataset(
         f"{what}: {total} images, {len(coco['annotations'])} annotations",
     )
     return [save_figure(sheet, out / "samples.jpg"), save_figure(labels, out / "labels.png")]
+
+
+def show_augmented(
+    spec: str, out: str | Path, settings: dict[str, Any], n: int = 16, seed: int = 0
+) -> list[Path]:
+    """Write ``augmented.jpg``: ``n`` training images of ``spec`` as the first epoch of a run
+    with ``settings`` (augment, copy_paste, hflip_prob, ...) and ``seed`` would see them, drawn
+    with their targets after augmentation. Returns the file."""
+    from detfit.config import TrainConfig
+    from detfit.data.copy_paste import CopyPaste
+    from detfit.data.sampling import PerItemSeed
+    from detfit.engine.builders import build_datasets
+
+    cfg = TrainConfig.from_dict({**settings, "dataset": spec, "seed": seed})
+    data = build_datasets(cfg, log=lambda line: None)
+    items = PerItemSeed(data.train, cfg.seed)
+    plain = data.train.dataset if isinstance(data.train, CopyPaste) else data.train
+    total = len(items)
+    indices = sorted(random.Random(seed).sample(range(total), min(n, total)))
+    samples = []
+    for i in indices:
+        image, target = items[i]
+        samples.append(Sample(as_uint8(image), target, file=file_name(plain, i)))
+    policy = f"augment {cfg.augment}" + (
+        f", copy_paste {cfg.copy_paste:g}" if cfg.copy_paste else ""
+    )
+    title = f"{spec} [train]: {len(indices)} of {total} images as training sees them ({policy})"
+    sheet = plot_samples(samples, data.classes, title)
+    return [save_figure(sheet, Path(out) / "augmented.jpg")]

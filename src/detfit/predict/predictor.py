@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from detfit.errors import DetfitError
+from detfit.models.tta import tta_predict, tta_views
 from detfit.predict.backends import Backend, load_backend
 
 ImageLike = Any  # a path, a PIL image, an HxWx3 numpy array or a [3,H,W] tensor
@@ -60,6 +61,7 @@ def to_uint8_image(image: ImageLike) -> torch.Tensor:
 
 class Predictor:
     """Loads a checkpoint (.pt or run folder: its best.pt), TorchScript or ONNX model.
+    ``tta=True``: test-time augmentation, the image and its mirror with detections fused.
 
     >>> predictor = Predictor("runs/maskrcnn_mobilenet_v2_fpn", device="cpu")
     >>> result = predictor("photo.jpg")  # Prediction(boxes, labels, scores, class_names, masks)
@@ -72,6 +74,7 @@ class Predictor:
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         classes: Sequence[str | int] | None = None,
         mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+        tta: bool = False,
     ) -> None:
         self.backend: Backend = load_backend(path, device)
         info = self.backend.info
@@ -82,6 +85,8 @@ class Predictor:
         self.category_ids: list[int] = list(ids) if ids else list(range(len(self.classes)))
         self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
         self.keep_labels = self._labels(classes) if classes else None
+        # test-time augmentation (the image and its mirror, fused): detfit.models.tta
+        self.tta = tta_views(tta, info.get("keypoint_names"))
 
     @property
     def kind(self) -> str:
@@ -121,9 +126,11 @@ class Predictor:
             by_size.setdefault(tuple(image.shape), []).append(index)
         outputs: list[Any] = [None] * len(uint8)
         for indices in by_size.values():
-            for index, out in zip(
-                indices, self.backend([uint8[i].float() / 255.0 for i in indices])
-            ):
+            floats = [uint8[i].float() / 255.0 for i in indices]
+            results = (
+                tta_predict(self.backend, floats, self.tta) if self.tta else self.backend(floats)
+            )
+            for index, out in zip(indices, results):
                 outputs[index] = out
         return [self._result(out, im) for out, im in zip(outputs, uint8)]
 

@@ -247,6 +247,7 @@ def predict_inputs(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    tta: bool = False,
 ) -> Summary:
     """Predict every image and video; see the module docstring for what is written. Nothing the
     user gave is overwritten, nor earlier outputs unless ``overwrite``."""
@@ -263,7 +264,7 @@ def predict_inputs(
     predictor = (
         model
         if isinstance(model, Predictor)
-        else Predictor(model, device, score_threshold=score_threshold, classes=classes)
+        else Predictor(model, device, score_threshold=score_threshold, classes=classes, tta=tta)
     )
     remove_stale_partials(out)
     for problem in summary.problems:

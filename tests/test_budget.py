@@ -1,0 +1,200 @@
+"""time_budget and patience: the plan, the stop in time when the machine slows down, resume
+counting the time already spent, and patience stopping where the history says.
+
+The trainer's clock is a virtual one here, advanced by the steps (1 s each) and the evaluations
+(1 s per image): the plans and stops are exact numbers, whatever else runs on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+import detfit.engine.budget as budget_module
+import detfit.engine.trainer as trainer_module
+from conftest import make_pennfudan, run_main
+from detfit.config import SettingsError, TrainConfig, parse_duration
+from detfit.engine import Callback, Trainer
+from detfit.engine.budget import TimeBudget
+from detfit.engine.callbacks import evaluations_since_best
+from detfit.engine.checkpoint import load_checkpoint
+from detfit.errors import DetfitError, Interrupted
+from test_trainer import SignalAt, tiny
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Steps(Callback):
+    """Each training step takes 1 s, those of epoch ``slow_epoch`` (0-based) ``slow`` s more."""
+
+    def __init__(self, clock: VirtualClock, slow_epoch: int = -1, slow: float = 0.0) -> None:
+        self.clock, self.slow_epoch, self.slow = clock, slow_epoch, slow
+
+    def on_step_end(self, trainer, result):
+        self.clock.now += 1.0 + (self.slow if trainer.epoch == self.slow_epoch else 0.0)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return make_pennfudan(tmp_path_factory.mktemp("budget"), num_images=9, size=(48, 80))
+
+
+@pytest.fixture
+def clock(monkeypatch) -> VirtualClock:
+    """The virtual clock; every evaluation advances it 1 s per image it scores."""
+    clock = VirtualClock()
+    real = trainer_module.evaluate
+
+    def evaluate(model, loader, *args, **kwargs):
+        batches = list(loader)
+        clock.now += sum(len(images) for images, _ in batches)
+        return real(model, batches, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate)
+    monkeypatch.setattr(budget_module, "PROBE_ITERS", 2)  # epochs here have 3 iterations
+    return clock
+
+
+def budget_fit(cfg, clock, steps=None, callbacks=(), resume=None) -> tuple[Path, list[str]]:
+    logs: list[str] = []
+    callbacks = [steps or Steps(clock), *callbacks]
+    if resume is not None:
+        trainer = Trainer(resume=resume, progress=False, log=logs.append, callbacks=callbacks)
+    else:
+        trainer = Trainer(cfg, progress=False, log=logs.append, callbacks=callbacks)
+    trainer.clock = clock
+    return trainer.fit(), logs
+
+
+def budget_config(root: Path, out: Path, budget: str, **changes) -> TrainConfig:
+    """3 iterations and 3 evaluated images per epoch: 6 virtual seconds an epoch."""
+    return tiny(
+        root, out, time_budget=budget, epochs=5, lr_schedule="cosine", warmup_iters=1, **changes
+    )
+
+
+def test_durations_and_metric_names_are_checked_when_parsed():
+    assert parse_duration("30m") == 1800 and parse_duration("1.5h") == 5400
+    assert parse_duration("90s") == parse_duration("90") == 90
+    with pytest.raises(SettingsError, match=r"time_budget='half an hour': must be a duration"):
+        TrainConfig(time_budget="half an hour")
+    with pytest.raises(SettingsError, match=r"time_budget='-5m': must be a positive duration"):
+        TrainConfig(time_budget="-5m")
+    with pytest.raises(
+        SettingsError, match=r"best_metric='segm_AP51': must be .*AR100.*did you mean 'segm_AP"
+    ):
+        TrainConfig(best_metric="segm_AP51")
+    assert TrainConfig(best_metric="segm_ARl").best_metric == "segm_ARl"
+
+
+def test_the_plan_counts_epochs_that_fit_and_caps_at_epochs():
+    budget = TimeBudget(seconds=100, cap=50, planned=50, seconds_per_iter=1, eval_seconds=5)
+    # 10 s spent, 4 s to finish the current epoch, 20 s an epoch (x 1.1): 86 / 22 -> 3 more
+    assert "4 epochs would fit" not in budget.plan(10, 1, 4, 20)
+    assert budget.planned == 4
+    budget.cap = 2
+    assert budget.plan(10, 1, 4, 20).endswith("4 epochs would fit, the epochs setting caps it at 2")
+    assert budget.planned == 2
+    budget.plan(99, 3, 0, 20)  # out of time: never fewer than the epochs done
+    assert budget.planned == 3
+    assert budget.must_stop_now(94.5) and not budget.must_stop_now(94.4)  # 5 s x 1.1 to evaluate
+
+
+def test_a_budget_for_two_epochs_plans_two_and_ends_inside_it(root, tmp_path, clock):
+    # probe: steps 1-2 (1 s each), 2 of 3 images evaluated (2 s: 3 s for the split), so at 4 s
+    # epoch 1 needs 4 s more and an epoch costs 6 s: 20 s hold 2 epochs (1 + floor(12 / 6.6))
+    run, logs = budget_fit(budget_config(root, tmp_path / "run", "20s"), clock)
+    history = json.loads((run / "metrics.json").read_text())
+    assert len(history) == 2 and clock.now <= 20
+    assert any(
+        line.startswith("time budget 20s: planned 2 epochs (1.00 s per iteration x 3 + 3 s "
+                        "evaluation; 16 s left, 6 s per epoch); the learning-rate schedule ends")
+        for line in logs
+    ), logs  # fmt: skip
+    assert logs[-1] == "time budget 20s: 2 epochs trained and evaluated in 14 s"
+    assert history[-1]["train_lr"] == 0.0  # the cosine schedule ended with the planned epochs
+    assert history[-1]["minutes"] * 60 == pytest.approx(14, abs=0.05)
+    assert load_checkpoint(run)["budget"]["planned"] == 2
+    with pytest.raises(DetfitError, match="has already trained 2 epoch"):
+        Trainer(resume=run).fit()
+
+
+def test_a_slowed_epoch_still_stops_in_time_with_an_evaluated_best(root, tmp_path, clock):
+    cfg = budget_config(root, tmp_path / "run", "30s")
+    # the probe plans 4 epochs; epoch 1 really costs 8 s: 3; epoch 2's steps take 7 s each
+    run, logs = budget_fit(cfg, clock, Steps(clock, slow_epoch=1, slow=6.0))
+    history = json.loads((run / "metrics.json").read_text())
+    assert clock.now <= 30
+    assert len(history) == 2 and history[-1]["minutes"] * 60 <= 30
+    stopped = load_checkpoint(run)
+    assert (stopped["epoch"], stopped["iteration"], stopped["evaluated"]) == (2, 2, True)
+    assert "leaves only the time to evaluate, at iteration 2/3" in stopped["stopped"]
+    assert any(line.startswith("time budget 30s: planned 4 epochs") for line in logs)
+    assert "time budget: now 3 epochs instead of 4 (22 s left, 8 s per epoch)" in logs
+    assert logs[-1].startswith("stopping after epoch 2/3: the time budget (30s) leaves only")
+    best = load_checkpoint(run / "best.pt")
+    assert best["history"][-1]["segm_AP"] == max(r["segm_AP"] for r in history)
+
+
+def test_resume_counts_the_time_already_spent(root, tmp_path, clock):
+    run = tmp_path / "run"
+    signal_at = SignalAt(4, signal.SIGTERM)
+    with pytest.raises(Interrupted):
+        budget_fit(budget_config(root, run, "20s"), clock, callbacks=[signal_at])
+    spent = load_checkpoint(run)["seconds"]
+    assert spent == pytest.approx(clock.now) == 10  # stopped after step 5
+    clock.now = 0.0  # another process: its clock starts anew
+    budget_fit(None, clock, resume=run)
+    history = json.loads((run / "metrics.json").read_text())
+    assert len(history) == 2  # as without the stop
+    assert history[-1]["minutes"] * 60 == pytest.approx(spent + clock.now, abs=0.05)
+    assert spent + clock.now == 14
+
+
+def test_evaluations_since_best():
+    rows = [{"m": v} for v in (0.1, 0.3, 0.2, 0.3, 0.25)]
+    assert evaluations_since_best(rows, "m") == 3  # an equal value does not improve
+    assert evaluations_since_best(rows[:2], "m") == 0
+
+
+def test_patience_stops_where_the_history_says(root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    cfg = tiny(root, out, epochs=6, max_iters_per_epoch=1, patience=1, best_metric="bbox_AP50")
+    cfg.save(tmp_path / "settings.yaml")
+    code, stdout, err = run_main(
+        monkeypatch,
+        capsys,
+        "train",
+        "--config",
+        tmp_path / "settings.yaml",
+        "--out",
+        out,
+        "--quiet",
+    )
+    assert code == 0, err
+    history = json.loads((out / "metrics.json").read_text())
+    values = [row["bbox_AP50"] for row in history]
+    first_flat = next(i for i in range(1, 6) if values[i] <= max(values[:i]))
+    assert len(history) == first_flat + 1 < 6
+    assert (
+        f"stopping after epoch {first_flat + 1}/6: patience 1: bbox_AP50 has not beaten" in stdout
+    )
+    best = load_checkpoint(out / "best.pt")
+    assert best["history"][-1]["bbox_AP50"] == max(values)
+    code, _, err = run_main(monkeypatch, capsys, "train", "--resume", out, "--quiet")
+    assert code == 2 and "has already trained" in err and "patience 1" in err
+
+
+def test_best_metric_must_be_scored_by_the_model(root, tmp_path):
+    cfg = tiny(root, tmp_path / "run", best_metric="keypoints_AP")
+    with pytest.raises(DetfitError, match="best_metric=keypoints_AP: .* is scored on bbox, segm"):
+        Trainer(cfg, progress=False, log=lambda s: None).fit()
