@@ -35,6 +35,12 @@ Dataset = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")]
+Precision = Annotated[
+    str | None,
+    typer.Option(
+        help="fp32, bf16 (CPUs with AVX-512 BF16/AMX, CUDA) or fp16 (CUDA); docs/speed.md"
+    ),
+]
 
 
 @app.command()
@@ -178,6 +184,7 @@ def eval_(
         ),
     ] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Write no pictures.")] = False,
+    precision: Precision = None,
 ) -> None:
     """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type, and
     AP per class), with PR curves, a confusion matrix and predictions beside ground truth.
@@ -196,6 +203,7 @@ def eval_(
         backend=backend,
         plots=None if no_plots else plots or default_plots_dir(checkpoint),
         log=lambda line: typer.echo(line, err=True),
+        precision=precision,
     )
     if not distributed.env_is_main():
         return
@@ -258,6 +266,7 @@ def predict(
     ] = None,
     device: Device = "auto",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    precision: Precision = None,
 ) -> None:
     """Draw masks, boxes, classes and scores; write <name>.png and <name>.json per image (videos:
     <name>.mp4 and <name>.jsonl per frame). Unusable inputs are one line each; exit 1 if any."""
@@ -276,6 +285,7 @@ def predict(
         image_ids=image_ids,
         progress=not quiet,
         log=lambda line: typer.echo(line, err=True),
+        precision=precision,
     )
     frames = f", {summary.frames} video frames" if summary.frames else ""
     typer.echo(f"{summary.images} images{frames}: wrote {len(summary.written)} files to {out}")

@@ -200,6 +200,8 @@ def one_of(name: str, choices: Sequence[str]) -> str:
 EvalBackend = Literal["faster-coco-eval", "pycocotools"]
 # Memory layouts for the model's 4-D weights and activations (detfit.models.speedups).
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
+# Arithmetic of training, evaluation and prediction (detfit.models.precision).
+Precision = Literal["fp32", "bf16", "fp16"]
 # The settings of issue #12's speed-ups, at the values that switch each off (the plain path).
 # Each keeps the model's function, so a run may change them on resume.
 SPEED_UPS_OFF: dict[str, Any] = {
@@ -280,7 +282,15 @@ class TrainConfig(BaseModel):
     ema_decay: Annotated[Float, Field(gt=0, lt=1)] | None = Field(
         None, description="evaluate a moving average of the weights (e.g. 0.99); None: off"
     )
-    amp: bool = Field(False, description="mixed precision (CUDA only)")
+    amp: bool = Field(
+        False,
+        description="mixed precision when precision is unset: bf16 on the CPU, fp16 on CUDA",
+    )
+    precision: Precision | None = Field(
+        None,
+        description="fp32; bf16 (autocast, on CPUs with AVX-512 BF16 or AMX, and CUDA); fp16 "
+        "(autocast with loss scaling, CUDA only); None: amp decides (docs/speed.md)",
+    )
     # running
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     workers: Annotated[int, Strict(), Field(ge=0)] = Field(

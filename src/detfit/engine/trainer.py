@@ -63,6 +63,7 @@ from detfit.models import (
     model_info,
     rebuild_model,
 )
+from detfit.models.precision import autocast_dtype, keep_fp32_where_needed
 from detfit.models.speedups import speed_up
 from detfit.paths import DEFAULT_RUNS_DIR
 
@@ -389,8 +390,12 @@ class Trainer:
         batches = self.loaders.batches.batches_per_epoch()
         self.iters_per_epoch = min(batches, cfg.max_iters_per_epoch or batches)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.iters_per_epoch)
-        use_amp = cfg.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        self.autocast_dtype = autocast_dtype(cfg.precision, self.device, amp=cfg.amp, log=self.log)
+        if self.autocast_dtype is not None:
+            keep_fp32_where_needed(self.module)
+        # float16 needs loss scaling; bfloat16 has float32's range and does not
+        use_scaler = self.autocast_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.metric_key = "segm_AP" if "segm" in iou_types(cfg.model) else "bbox_AP"
         self.model = distributed.wrap(self.module, self.device)
         self.step = TrainStep(
@@ -401,6 +406,7 @@ class Trainer:
             clip_grad_norm=cfg.clip_grad_norm,
             loss_weights=loss_weights_for(cfg, self.log),
             lr_scheduler=self.scheduler,
+            autocast_dtype=self.autocast_dtype,
         )
         self.callbacks = self._default_callbacks() + self.user_callbacks
         seed_everything(cfg.seed + 1000 * self.rank)  # each rank its own random stream
@@ -549,6 +555,7 @@ class Trainer:
                 progress=self.progress,
                 verbose=False,
                 backend=cfg.eval_backend,
+                autocast_dtype=self.autocast_dtype,
             )
             self.last_evaluation = result
             self.extra_metrics = {}

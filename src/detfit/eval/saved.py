@@ -31,12 +31,14 @@ def evaluate_checkpoint(
     backend: str | None = None,
     plots: str | Path | None = None,
     log: Callable[[str], None] = print,
+    precision: str | None = None,
 ) -> EvaluationResult:
     """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data`` (its test or
     val split when it names one, else every image), with the COCO metric ``backend`` (None: the
     run's ``eval_backend``). ``verbose`` prints the metric's summary table per IoU type (not its
     index-building chatter); ``plots`` names a folder for the PR curves, confusion matrix and
     ``val_predictions.jpg``; ``log`` gets one line saying which images are scored.
+    ``precision`` (fp32, bf16, fp16) overrides the run's own (its precision/amp settings).
 
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
@@ -45,6 +47,7 @@ def evaluate_checkpoint(
     from detfit.engine.builders import build_datasets, build_loaders
     from detfit.engine.checkpoint import load_checkpoint
     from detfit.models import rebuild_model
+    from detfit.models.precision import autocast_dtype, keep_fp32_where_needed
     from detfit.models.speedups import speed_up
 
     if backend is not None:
@@ -57,6 +60,8 @@ def evaluate_checkpoint(
         cfg.dataset = data
     if backend is not None:
         cfg.eval_backend = backend
+    if precision is not None:
+        cfg.precision = precision
     dev = distributed.resolve_device(device)
     main = distributed.is_main
     with distributed.process_group(dev):
@@ -79,6 +84,11 @@ def evaluate_checkpoint(
             memory_format=cfg.memory_format,
             sparse_roi_align=cfg.sparse_roi_align,
         )
+        dtype = autocast_dtype(
+            cfg.precision, dev, amp=cfg.amp, log=log if main() else lambda line: None
+        )
+        if dtype is not None:
+            keep_fp32_where_needed(model)
         source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
         scored = f"{SCORED[datasets.held_out]}{source}"
         if main():  # only now: a checkpoint that does not load is one line, this one is not
@@ -91,6 +101,7 @@ def evaluate_checkpoint(
             progress=progress,
             verbose=False,
             backend=cfg.eval_backend,
+            autocast_dtype=dtype,
         )
         if main() and verbose:
             for iou_type, coco_eval in result.coco_eval.items():

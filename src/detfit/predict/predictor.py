@@ -59,7 +59,9 @@ def to_uint8_image(image: ImageLike) -> torch.Tensor:
 
 
 class Predictor:
-    """Loads a checkpoint (.pt or run folder: its best.pt), TorchScript or ONNX model.
+    """Loads a checkpoint (.pt or run folder: its best.pt), TorchScript or ONNX model (an int8
+    one from ``detfit export --quantize int8`` too). ``precision`` bf16 runs a checkpoint under
+    bfloat16 autocast (docs/speed.md).
 
     >>> predictor = Predictor("runs/maskrcnn_mobilenet_v2_fpn", device="cpu")
     >>> result = predictor("photo.jpg")  # Prediction(boxes, labels, scores, class_names, masks)
@@ -72,8 +74,9 @@ class Predictor:
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         classes: Sequence[str | int] | None = None,
         mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+        precision: str | None = None,
     ) -> None:
-        self.backend: Backend = load_backend(path, device)
+        self.backend: Backend = load_backend(path, device, precision=precision)
         info = self.backend.info
         self.classes: list[str] = list(info.get("classes") or [])
         if not self.classes:

@@ -138,14 +138,18 @@ def predict_inputs(
     image_ids: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    precision: str | None = None,
 ) -> Summary:
-    """Predict every image and video; see the module docstring for what is written."""
+    """Predict every image and video; see the module docstring for what is written.
+    ``precision``: fp32, bf16 or fp16 for a checkpoint (see Predictor)."""
     if batch_size < 1:
         raise DetfitError(f"--batch-size {batch_size}: must be at least 1")
     predictor = (
         model
         if isinstance(model, Predictor)
-        else Predictor(model, device, score_threshold=score_threshold, classes=classes)
+        else Predictor(
+            model, device, score_threshold=score_threshold, classes=classes, precision=precision
+        )
     )
     out = Path(out_dir) if out_dir else default_out()
     if out.exists() and not out.is_dir():
