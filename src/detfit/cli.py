@@ -323,6 +323,17 @@ def export(
     strip: Annotated[
         bool, typer.Option(help="Write a weights-only checkpoint (--out) instead.")
     ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="int8: ONNX Runtime static quantization, checked by AP (docs/speed.md)."),
+    ] = None,
+    calibration_images: Annotated[
+        list[Path],
+        typer.Option(help="Images (files or folders) to calibrate int8 (default: training split)."),
+    ] = [],  # noqa: B006
+    max_ap_drop: Annotated[
+        float, typer.Option(help="int8: refuse (exit 2) if AP drops by more than this.")
+    ] = 0.01,
 ) -> None:
     """Export to ONNX or TorchScript (dynamic height/width, classes inside) with a parity check."""
     from detfit.export import ParityError, export_model, strip_checkpoint
@@ -334,11 +345,24 @@ def export(
         typer.echo(f"wrote {path}: {after / 2**20:.1f} MiB (was {before / 2**20:.1f} MiB)")
         return
     try:
-        path, report = export_model(checkpoint, format_, out, opset, images, check, log=typer.echo)
+        path, report = export_model(
+            checkpoint,
+            format_,
+            out,
+            opset,
+            images,
+            check,
+            log=typer.echo,
+            quantize=quantize,
+            calibration_images=calibration_images,
+            max_ap_drop=max_ap_drop,
+        )
     except ParityError as exc:
         typer.echo(f"detfit: parity check failed: {exc}", err=True)
         raise typer.Exit(1) from None
     checked = f"parity ok on {len(report)} images" if report else "not checked (--no-check)"
+    if quantize and check:
+        checked = f"AP within {max_ap_drop:g} of fp32"
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); {checked}")
 
 
