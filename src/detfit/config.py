@@ -209,6 +209,7 @@ SPEED_UPS_OFF: dict[str, Any] = {
     "memory_format": "contiguous",
     "fused_optimizer": False,
     "sparse_roi_align": False,
+    "compile": False,
 }
 
 
@@ -313,6 +314,11 @@ class TrainConfig(BaseModel):
     sparse_roi_align: bool = Field(
         True,
         description="RoIAlign as a sparse matrix product on the CPU (same function, faster)",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile (inductor) the backbone and FPN; off by default: its compile "
+        "time was not recovered on the CPU (docs/speed.md)",
     )
     seed: Annotated[int, Strict(), Field(ge=0, lt=2**32)] = Field(0, description="random seed")
     aspect_ratio_group_factor: Annotated[int, Strict(), Field(ge=-1)] = Field(

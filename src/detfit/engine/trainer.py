@@ -375,6 +375,7 @@ class Trainer:
             fold_frozen_bn=cfg.fold_frozen_bn,
             memory_format=cfg.memory_format,
             sparse_roi_align=cfg.sparse_roi_align,
+            compile=cfg.compile,
         )
         if cfg.sync_bn and self.world_size > 1:
             if self.device.type != "cuda":

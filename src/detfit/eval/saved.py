@@ -83,6 +83,7 @@ def evaluate_checkpoint(
             fold_frozen_bn=cfg.fold_frozen_bn,
             memory_format=cfg.memory_format,
             sparse_roi_align=cfg.sparse_roi_align,
+            compile=cfg.compile,
         )
         dtype = autocast_dtype(
             cfg.precision, dev, amp=cfg.amp, log=log if main() else lambda line: None
