@@ -4,6 +4,9 @@ images, one process, side by side; and whether the exported outputs are the eage
     python benchmarks/inference_speed.py --threads 2            # both models, 20 Penn-Fudan images
     python benchmarks/inference_speed.py --checkpoint maskrcnn_mobilenet_v2_fpn=runs/x/best.pt
 
+With ``--int8`` a fourth runtime, onnx-int8, is the ONNX file statically quantized by
+``detfit.export.quantize`` (calibrated on the same images; its parity is not expected).
+
 Models: the CPU recipe's (``maskrcnn_mobilenet_v2_fpn`` with RECIPES["cpu"]'s model_options) and
 ``fasterrcnn_mobilenet_v3_large_320_fpn``. Without ``--checkpoint`` a model has random weights
 (heads He-initialised so scores differ): Mask R-CNN then pastes a mask for every one of its
@@ -122,6 +125,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="model option KEY=VALUE")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also onnx-int8: the ONNX file statically quantized (calibrated on these images)",
+    )
+    parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="print each runtime's top N operators"
     )
     args = parser.parse_args()
@@ -164,6 +172,11 @@ def main() -> None:
                     check=False,
                     log=lambda s: None,
                 )
+            if args.int8:
+                from detfit.export.quantize import quantize_int8
+
+                files["onnx-int8"] = Path(tmp) / f"{name}.int8.onnx"
+                quantize_int8(files["onnx"], files["onnx-int8"], images)
             backends = {k: load_backend(v, "cpu", threads=args.threads) for k, v in files.items()}
             row = {"model": name, "weights": "checkpoint" if name in given else "random"}
             eager_out = [backends["eager"]([im])[0] for im in images]
@@ -184,9 +197,10 @@ def main() -> None:
                 }
             rows.append(row)
     print(f"\n{'model':40s} {'runtime':12s} {'s/image':>8s} {'vs eager':>8s} {'parity':>7s}")
+    runtimes = RUNTIMES + ["onnx-int8"] if args.int8 else RUNTIMES
     for row in rows:
         eager = row["eager_s_per_image"]
-        for runtime in RUNTIMES:
+        for runtime in runtimes:
             s = row[f"{runtime}_s_per_image"]
             parity = row.get(f"{runtime}_parity", "-")
             print(f"{row['model']:40s} {runtime:12s} {s:8.3f} {eager / s:7.2f}x {parity:>7s}")

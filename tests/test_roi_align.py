@@ -165,9 +165,13 @@ def test_torchvision_kernel_where_not_covered():
     assert torch.equal(roi_align(features, rois, **adaptive), expected)
     empty = roi_align(features, rois[:0], (3, 3), 1.0, 2)
     assert empty.shape == (0, 3, 3, 3)
-    # other dtypes go to torchvision's kernel too, with its own answer (none for bfloat16 on the CPU)
+    # torchvision's CPU kernel has no bfloat16; bfloat16 features (autocast) pool in float32
     with pytest.raises(RuntimeError, match="roi_align_forward_kernel"):
-        roi_align(features.bfloat16(), rois.bfloat16(), (3, 3), 1.0, 2)
+        torchvision_roi_align(features.bfloat16(), rois.bfloat16(), (3, 3), 1.0, 2)
+    low = roi_align(features.bfloat16(), rois, (3, 3), 1.0, 2)
+    expected = torchvision_roi_align(features.bfloat16().float(), rois, (3, 3), 1.0, 2)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, expected, rtol=1e-5, atol=1e-6)
 
 
 def multiscale_inputs(gen: torch.Generator):

@@ -76,6 +76,12 @@ Split = Annotated[
 Recipe = Annotated[
     str, typer.Option(help="auto (cpu without a GPU, else tutorial), cpu, tutorial.")
 ]
+Precision = Annotated[
+    str | None,
+    typer.Option(
+        help="fp32, bf16 (CPUs with AVX-512 BF16/AMX, CUDA) or fp16 (CUDA); docs/speed.md"
+    ),
+]
 
 
 @app.command()
@@ -244,6 +250,7 @@ def eval_(
             "the run's tta setting).",
         ),
     ] = None,
+    precision: Precision = None,
 ) -> None:
     """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type, and
     AP per class), with PR curves, a confusion matrix and predictions beside ground truth.
@@ -263,6 +270,7 @@ def eval_(
         plots=None if no_plots else plots or default_plots_dir(checkpoint),
         log=lambda line: typer.echo(line, err=True),
         tta=tta,
+        precision=precision,
     )
     if not distributed.env_is_main():
         return
@@ -335,6 +343,7 @@ def predict(
     tta: Annotated[
         bool, typer.Option("--tta", help="Test-time augmentation: the image and its mirror, fused.")
     ] = False,
+    precision: Precision = None,
 ) -> None:
     """Draw masks, boxes, classes and scores; write <name>.png and <name>.json per image (videos:
     <name>.mp4 and <name>.jsonl per frame). Unusable inputs are one line each; exit 1 if any."""
@@ -355,6 +364,7 @@ def predict(
         progress=not quiet,
         log=lambda line: typer.echo(line, err=True),
         tta=tta,
+        precision=precision,
     )
     frames = f", {summary.frames} video frames" if summary.frames else ""
     typer.echo(f"{summary.images} images{frames}: wrote {len(summary.written)} files to {out}")
@@ -402,6 +412,17 @@ def export(
     strip: Annotated[
         bool, typer.Option(help="Write a weights-only checkpoint (--out) instead.")
     ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="int8: ONNX Runtime static quantization, checked by AP (docs/speed.md)."),
+    ] = None,
+    calibration_images: Annotated[
+        list[Path],
+        typer.Option(help="Images (files or folders) to calibrate int8 (default: training split)."),
+    ] = [],  # noqa: B006
+    max_ap_drop: Annotated[
+        float, typer.Option(help="int8: refuse (exit 2) if AP drops by more than this.")
+    ] = 0.01,
 ) -> None:
     """Export to ONNX or TorchScript (dynamic height/width, classes inside) with a parity check."""
     from detfit.export import ParityError, export_model, strip_checkpoint
@@ -413,11 +434,24 @@ def export(
         typer.echo(f"wrote {path}: {after / 2**20:.1f} MiB (was {before / 2**20:.1f} MiB)")
         return
     try:
-        path, report = export_model(checkpoint, format_, file, opset, images, check, log=typer.echo)
+        path, report = export_model(
+            checkpoint,
+            format_,
+            file,
+            opset,
+            images,
+            check,
+            log=typer.echo,
+            quantize=quantize,
+            calibration_images=calibration_images,
+            max_ap_drop=max_ap_drop,
+        )
     except ParityError as exc:
         typer.echo(f"detfit: parity check failed: {exc}", err=True)
         raise typer.Exit(1) from None
     checked = f"parity ok on {len(report)} images" if report else "not checked (--no-check)"
+    if quantize and check:
+        checked = f"AP within {max_ap_drop:g} of fp32"
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); {checked}")
 
 

@@ -220,6 +220,8 @@ def parse_duration(text: str) -> float:
 EvalBackend = Literal["faster-coco-eval", "pycocotools"]
 # Memory layouts for the model's 4-D weights and activations (detfit.models.speedups).
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
+# Arithmetic of training, evaluation and prediction (detfit.models.precision).
+Precision = Literal["fp32", "bf16", "fp16"]
 # The speed-up settings (models.speedups), at the values that switch each off (the plain path).
 # Each keeps the model's function, so a run may change them on resume.
 SPEED_UPS_OFF: dict[str, Any] = {
@@ -227,6 +229,7 @@ SPEED_UPS_OFF: dict[str, Any] = {
     "memory_format": "contiguous",
     "fused_optimizer": False,
     "sparse_roi_align": False,
+    "compile": False,
 }
 
 
@@ -340,7 +343,15 @@ class TrainConfig(BaseModel):
     ema_decay: Annotated[Float, Field(gt=0, lt=1)] | None = Field(
         None, description="evaluate a moving average of the weights (e.g. 0.99); None: off"
     )
-    amp: bool = Field(False, description="mixed precision (CUDA only)")
+    amp: bool = Field(
+        False,
+        description="mixed precision when precision is unset: bf16 on the CPU, fp16 on CUDA",
+    )
+    precision: Precision | None = Field(
+        None,
+        description="fp32; bf16 (autocast, on CPUs with AVX-512 BF16 or AMX, and CUDA); fp16 "
+        "(autocast with loss scaling, CUDA only); None: amp decides (docs/speed.md)",
+    )
     # running
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda, cuda:N")
     workers: Annotated[int, Strict(), Field(ge=0)] = Field(
@@ -363,6 +374,11 @@ class TrainConfig(BaseModel):
     sparse_roi_align: bool = Field(
         True,
         description="RoIAlign as a sparse matrix product on the CPU (same function, faster)",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile (inductor) the backbone and FPN; off by default: its compile "
+        "time was not recovered on the CPU (docs/speed.md)",
     )
     seed: Annotated[int, Strict(), Field(ge=0, lt=2**32)] = Field(0, description="random seed")
     aspect_ratio_group_factor: Annotated[int, Strict(), Field(ge=-1)] = Field(

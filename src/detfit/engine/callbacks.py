@@ -194,7 +194,11 @@ class ValidationLoss(Callback):
 
         trainer.extra_metrics.update(
             validation_losses(
-                trainer.eval_model, trainer.loaders.test, trainer.device, trainer.step.loss_weights
+                trainer.eval_model,
+                trainer.loaders.test,
+                trainer.device,
+                trainer.step.loss_weights,
+                autocast_dtype=trainer.step.autocast_dtype,
             )
         )
 

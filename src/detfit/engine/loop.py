@@ -85,6 +85,7 @@ class TrainStep:
         clip_grad_norm: float | None = None,
         loss_weights: dict[str, float] | None = None,
         lr_scheduler: Any = None,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -93,6 +94,9 @@ class TrainStep:
         self.clip_grad_norm = clip_grad_norm
         self.loss_weights = loss_weights or {}
         self.lr_scheduler = lr_scheduler
+        # bf16/fp16 autocast (models.precision); a scaler alone means the device's default, as
+        # with the references' --amp
+        self.autocast_dtype = autocast_dtype
         self.nonfinite = 0  # consecutive non-finite losses
 
     def __call__(
@@ -100,7 +104,8 @@ class TrainStep:
     ) -> StepResult:
         self.model.train()
         images, targets = move_to([as_float_image(im) for im in images], targets, self.device)
-        with torch.autocast(device_type=self.device.type, enabled=self.scaler is not None):
+        enabled = self.autocast_dtype is not None or self.scaler is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled):
             loss_dict = self.model(images, targets)
             unknown = set(self.loss_weights) - set(loss_dict)
             if unknown:

@@ -75,6 +75,7 @@ from detfit.models import (
     model_info,
     rebuild_model,
 )
+from detfit.models.precision import autocast_dtype, keep_fp32_where_needed
 from detfit.models.speedups import speed_up
 from detfit.models.tta import tta_views
 from detfit.paths import DEFAULT_RUNS_DIR
@@ -520,6 +521,7 @@ class Trainer:
             fold_frozen_bn=cfg.fold_frozen_bn,
             memory_format=cfg.memory_format,
             sparse_roi_align=cfg.sparse_roi_align,
+            compile=cfg.compile,
         )
         if cfg.sync_bn and self.world_size > 1:
             if self.device.type != "cuda":
@@ -538,8 +540,12 @@ class Trainer:
         self.scheduler = build_scheduler(
             cfg, self.optimizer, self.iters_per_epoch, epochs=lambda: self.planned_epochs
         )
-        use_amp = cfg.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
+        self.autocast_dtype = autocast_dtype(cfg.precision, self.device, amp=cfg.amp, log=self.log)
+        if self.autocast_dtype is not None:
+            keep_fp32_where_needed(self.module)
+        # float16 needs loss scaling; bfloat16 has float32's range and does not
+        use_scaler = self.autocast_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.metric_key = best_metric_key(cfg)
         self.model = distributed.wrap(self.module, self.device)
         self.step = TrainStep(
@@ -550,6 +556,7 @@ class Trainer:
             clip_grad_norm=cfg.clip_grad_norm,
             loss_weights=loss_weights_for(cfg, self.log),
             lr_scheduler=self.scheduler,
+            autocast_dtype=self.autocast_dtype,
         )
         self.callbacks = self._default_callbacks() + self.user_callbacks
         seed_everything(cfg.seed + 1000 * self.rank)  # each rank its own random stream
@@ -757,6 +764,7 @@ class Trainer:
             verbose=False,
             backend=self.cfg.eval_backend,
             tta=tta_views(self.cfg.tta, self.data.keypoint_names),
+            autocast_dtype=self.autocast_dtype,
         )
 
     def _train_epoch(self) -> None:

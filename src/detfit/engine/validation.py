@@ -39,10 +39,13 @@ def validation_losses(
     loader: Iterable,
     device: torch.device,
     loss_weights: dict[str, float] | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Mean of each loss over ``loader``'s images (every rank passes its share; the result is
     over all of them, on every rank) as ``val_<name>``, and ``val_loss``, their weighted sum as
-    training minimises it."""
+    training minimises it, computed at the training's precision (``autocast_dtype``)."""
+    from detfit.models.precision import autocast
+
     model = distributed.unwrap(model)
     modes = {m: m.training for m in model.modules()}
     model.train()
@@ -57,7 +60,9 @@ def validation_losses(
                 images, targets = move_to(
                     [as_float_image(im) for im in images], map(without_crowd, targets), device
                 )
-                for name, value in model(images, targets).items():
+                with autocast(device, autocast_dtype):
+                    losses = model(images, targets)
+                for name, value in losses.items():
                     sums[name] += float(value) * len(images)
                 count += len(images)
     finally:

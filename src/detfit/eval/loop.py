@@ -66,12 +66,16 @@ def evaluate(
     verbose: bool = True,
     backend: str | None = None,
     tta: TTA | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> EvaluationResult:
     """COCO evaluation of ``model`` on ``data_loader`` (bbox, and segm/keypoints when the model
     has those heads). Under torchrun each rank passes a loader over its own share of the images
     (:class:`~detfit.data.sampling.ShardBatches`); the result is the single-process one.
     ``backend``: the COCO metric's implementation (``eval_backend``; None: its default).
-    ``tta``: score test-time augmented detections (:mod:`detfit.models.tta`)."""
+    ``tta``: score test-time augmented detections (:mod:`detfit.models.tta`).
+    ``autocast_dtype``: bf16/fp16 autocast (``models.precision``); None: float32."""
+    from detfit.models.precision import autocast
+
     device = torch.device(device)
     model = distributed.unwrap(model)
     model.eval()
@@ -85,7 +89,8 @@ def evaluate(
     )
     for images, targets in bar:
         images = [as_float_image(im).to(device) for im in images]
-        outputs = tta_predict(model, images, tta) if tta is not None else model(images)
+        with autocast(device, autocast_dtype):
+            outputs = tta_predict(model, images, tta) if tta is not None else model(images)
         sizes = [tuple(im.shape[-2:]) for im in images]
         evaluator.process(targets, [{k: v.cpu() for k, v in o.items()} for o in outputs], sizes)
     evaluator.gather()

@@ -32,13 +32,15 @@ def evaluate_checkpoint(
     plots: str | Path | None = None,
     log: Callable[[str], None] = print,
     tta: bool | None = None,
+    precision: str | None = None,
 ) -> EvaluationResult:
     """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data`` (its test or
     val split when it names one, else every image), with the COCO metric ``backend`` (None: the
     run's ``eval_backend``). ``verbose`` prints the metric's summary table per IoU type (not its
     index-building chatter); ``plots`` names a folder for the PR curves, confusion matrix and
     ``val_predictions.jpg``; ``log`` gets one line saying which images are scored; ``tta``:
-    with test-time augmentation (None: as the run's ``tta`` setting).
+    with test-time augmentation (None: as the run's ``tta`` setting);
+    ``precision`` (fp32, bf16, fp16) overrides the run's own (its precision/amp settings).
 
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
@@ -47,6 +49,7 @@ def evaluate_checkpoint(
     from detfit.engine.builders import build_datasets, build_loaders
     from detfit.engine.checkpoint import load_checkpoint, run_checkpoint
     from detfit.models import rebuild_model
+    from detfit.models.precision import autocast_dtype, keep_fp32_where_needed
     from detfit.models.speedups import speed_up
     from detfit.models.tta import tta_views
 
@@ -60,6 +63,8 @@ def evaluate_checkpoint(
         cfg.dataset = data
     if backend is not None:
         cfg.eval_backend = backend
+    if precision is not None:
+        cfg.precision = precision
     dev = distributed.resolve_device(device)
     main = distributed.is_main
     with distributed.process_group(dev):
@@ -81,7 +86,13 @@ def evaluate_checkpoint(
             fold_frozen_bn=cfg.fold_frozen_bn,
             memory_format=cfg.memory_format,
             sparse_roi_align=cfg.sparse_roi_align,
+            compile=cfg.compile,
         )
+        dtype = autocast_dtype(
+            cfg.precision, dev, amp=cfg.amp, log=log if main() else lambda line: None
+        )
+        if dtype is not None:
+            keep_fp32_where_needed(model)
         source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
         scored = f"{SCORED[datasets.held_out]}{source}"
         if main():  # only now: a checkpoint that does not load is one line, this one is not
@@ -97,6 +108,7 @@ def evaluate_checkpoint(
             tta=tta_views(
                 cfg.tta if tta is None else tta, ckpt["model_info"].get("keypoint_names")
             ),
+            autocast_dtype=dtype,
         )
         if main() and verbose:
             for iou_type, coco_eval in result.coco_eval.items():

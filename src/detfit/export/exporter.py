@@ -96,21 +96,37 @@ def export_model(
     images: Sequence[str | Path] = (),
     check: bool = True,
     log: Callable[[str], None] = print,
+    *,
+    quantize: str | None = None,
+    calibration_images: Sequence[str | Path] = (),
+    max_ap_drop: float = 0.01,
 ) -> tuple[Path, list[ImageParity]]:
     """Export the checkpoint (or run folder's best.pt) and check it; returns the file and the
-    per-image parity figures. Raises ParityError (nothing written) when they disagree."""
+    per-image parity figures. Raises ParityError (nothing written) when they disagree.
+
+    ``quantize="int8"`` (ONNX only) writes a statically quantized model instead, calibrated on
+    ``calibration_images`` (default: the run's training split), and replaces the parity check by
+    an accuracy check (``export.quantize``): AP of int8 and fp32 on the run's test split, both
+    logged; AccuracyError (nothing written) when int8 is more than ``max_ap_drop`` below."""
     from detfit.models import rebuild_model
 
     if fmt not in FORMATS:
         raise DetfitError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
+    if quantize not in (None, "int8"):
+        raise DetfitError(f"--quantize {quantize}: the one quantization is int8")
+    if quantize and fmt != "onnx":
+        raise DetfitError(f"--quantize int8: ONNX Runtime quantizes ONNX models, not {fmt}")
     path, ckpt = _load(source)
     info = ckpt["model_info"]
     reason = REFUSED.get((family(info["name"]), fmt))
     if reason:
         raise DetfitError(f"{info['name']}: cannot export to {fmt}: {reason}")
-    out = Path(out) if out else path.with_name(path.name.removesuffix(".pt") + SUFFIXES[fmt])
+    suffix = (".int8" if quantize else "") + SUFFIXES[fmt]
+    out = Path(out) if out else path.with_name(path.name.removesuffix(".pt") + suffix)
     samples = file_images(images) if images else test_split_images(ckpt["config"], MIN_IMAGES)
-    if check and not samples:
+    if quantize:
+        calibration = _calibration_images(calibration_images, ckpt["config"], path)
+    elif check and not samples:
         raise DetfitError(
             f"{path}: the checkpoint's data is not at hand to check parity; give --images "
             f"(4 or more of different sizes) or --no-check"
@@ -129,6 +145,9 @@ def export_model(
         )
     partial = out.with_name(f".{out.name}.partial{out.suffix}")
     atomic_write(partial, lambda f: f.write(data))
+    if quantize:
+        _write_int8(partial, out, calibration, info, ckpt["config"], check, max_ap_drop, log)
+        return out, []
     try:
         report = check_parity(model, partial, samples, log) if check else []
         if any(not r.ok for r in report):
@@ -160,3 +179,67 @@ def check_parity(
     if len(samples) < MIN_IMAGES:
         log(f"note: only {len(samples)} image size(s) at hand; the check asks for {MIN_IMAGES}")
     return report
+
+
+def _calibration_images(
+    paths: Sequence[str | Path], config: dict[str, Any], checkpoint: Path
+) -> list[torch.Tensor]:
+    """The images named (files, or folders of images), else the run's training split."""
+    from detfit.data.images import IMAGE_SUFFIXES
+    from detfit.export.quantize import CALIBRATION_IMAGES, training_images
+
+    if not paths:
+        found = training_images(config, CALIBRATION_IMAGES)
+        if not found:
+            raise DetfitError(
+                f"{checkpoint}: the checkpoint's training data is not at hand to calibrate int8; "
+                "give --calibration-images"
+            )
+        return found
+    files: list[Path] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            files += sorted(p for p in given.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(given)
+    if not files:
+        raise DetfitError(f"--calibration-images {paths[0]}: no images there")
+    return [image for _, image in file_images(files)]
+
+
+def _write_int8(
+    fp32: Path,
+    out: Path,
+    calibration: list[torch.Tensor],
+    info: dict[str, Any],
+    config: dict[str, Any],
+    check: bool,
+    max_ap_drop: float,
+    log: Callable[[str], None],
+) -> None:
+    """Quantize the float32 export ``fp32`` (a partial file, removed here) into ``out`` after the
+    accuracy check; a refused or failed one leaves no file."""
+    from detfit.export.quantize import check_accuracy, quantize_int8
+    from detfit.models import iou_types
+
+    partial = out.with_name(f".{out.name}.partial.int8{out.suffix}")
+    try:
+        count = quantize_int8(fp32, partial, calibration)
+        log(
+            f"int8: {count} convolutions and matrix products, calibrated on {len(calibration)} images"
+        )
+        if check:
+            check_accuracy(
+                fp32,
+                partial,
+                config,
+                iou_types(info["name"]),
+                info.get("classes") or [],
+                max_ap_drop,
+                log,
+                out,
+            )
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+        fp32.unlink(missing_ok=True)

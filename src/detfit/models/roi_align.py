@@ -10,8 +10,10 @@ the forward pass is ``S @ features`` and the backward pass, which autograd deriv
 
 The sample positions, the border rules and the weights follow torchvision's kernel term by term,
 so results equal ``torchvision.ops.roi_align`` up to floating-point rounding (the summation order
-differs; tests/test_roi_align.py states the tolerances). Cases this does not cover (an adaptive
-sampling grid, a device other than the CPU, half precision, tracing for export) call torchvision.
+differs; tests/test_roi_align.py states the tolerances). bfloat16 or float16 features (under
+autocast, ``models.precision``) are pooled in float32: the weights are fractions of a pixel, and
+the result feeds float32-sensitive heads. Cases this does not cover (an adaptive sampling grid, a
+device other than the CPU, tracing for export) call torchvision.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _covered(features: Tensor, sampling_ratio: int) -> bool:
     return (
         sampling_ratio > 0
         and features.device.type == "cpu"
-        and features.dtype in (torch.float32, torch.float64)
+        and features.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
         and not torch.jit.is_scripting()
         and not torchvision._is_tracing()
     )
@@ -125,11 +127,13 @@ def roi_align(
             features, rois, output_size, spatial_scale, sampling_ratio, aligned
         )
     batch, channels, height, width = features.shape
+    dtype = torch.promote_types(features.dtype, torch.float32)  # low precision pools in float32
     matrix = roi_align_matrix(
-        rois.to(features.dtype), features.shape, output_size, spatial_scale, sampling_ratio, aligned
+        rois.to(dtype), features.shape, output_size, spatial_scale, sampling_ratio, aligned
     )
-    pixels = features.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
-    bins = matrix @ pixels  # autograd's backward: matrix.T @ grad, also sparse
+    pixels = features.permute(0, 2, 3, 1).reshape(batch * height * width, channels).to(dtype)
+    with torch.autocast("cpu", enabled=False):  # autocast would cast the sparse product down
+        bins = matrix @ pixels  # autograd's backward: matrix.T @ grad, also sparse
     # contiguous, as torchvision returns it: the heads after it view their inputs
     return bins.view(rois.shape[0], *output_size, channels).permute(0, 3, 1, 2).contiguous()
 
@@ -153,7 +157,9 @@ class SparseMultiScaleRoIAlign(MultiScaleRoIAlign):
         if len(features) == 1:
             return roi_align(features[0], rois, spatial_scale=self.scales[0], **pool)
         levels = self.map_levels(boxes)
-        result = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        dtype = torch.promote_types(features[0].dtype, torch.float32)
+        shape = (len(rois), features[0].shape[1], *self.output_size)
+        result = features[0].new_zeros(shape, dtype=dtype)
         for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
             chosen = torch.where(levels == level)[0]
             if len(chosen):  # an empty level adds nothing (torchvision's kernel still copies it)

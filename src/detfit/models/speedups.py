@@ -109,6 +109,22 @@ def resolve_memory_format(setting: MemoryFormat, device: torch.device) -> torch.
     return torch.contiguous_format
 
 
+# torch.compile's backend for ``compile``; tests swap in "aot_eager" (the same tracing and
+# autograd graph without inductor's C++ build, which takes minutes on a small CPU).
+COMPILE_BACKEND = "inductor"
+
+
+def compile_backbone(model: nn.Module) -> nn.Module:
+    """``torch.compile`` the backbone and FPN of ``model`` in place (``nn.Module.compile``: the
+    state dict keys stay). Shapes are dynamic: image sizes vary per batch, and a static graph
+    would recompile for each. The heads are left eager: their shapes follow the number of RoIs
+    and detections, and NMS and RoIAlign break the graph."""
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module):
+        backbone.compile(backend=COMPILE_BACKEND, dynamic=True)
+    return model
+
+
 def speed_up(
     model: nn.Module,
     device: torch.device,
@@ -116,6 +132,7 @@ def speed_up(
     fold_frozen_bn: bool,
     memory_format: MemoryFormat,
     sparse_roi_align: bool,
+    compile: bool = False,
 ) -> nn.Module:
     """Apply the chosen speed-ups to ``model`` (already on ``device``), in place."""
     if fold_frozen_bn:
@@ -130,4 +147,6 @@ def speed_up(
         for name, child in model.named_children():
             if name != "roi_heads":
                 child.to(memory_format=fmt)
+    if compile:  # last: it traces the folded, channels_last modules
+        compile_backbone(model)
     return model

@@ -5,6 +5,7 @@ parity and the benchmark all run models through here, so what is checked is what
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -39,12 +40,25 @@ class Backend:
 
 
 class EagerRunner:
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    """The torch model itself; ``autocast_dtype`` runs it under bf16/fp16 autocast with the
+    coordinate arithmetic kept in float32 (``models.precision``)."""
+
+    def __init__(
+        self, model: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None = None
+    ) -> None:
+        from detfit.models.precision import keep_fp32_where_needed
+
         self.model, self.device = model.to(device).eval(), device
+        self.autocast_dtype = autocast_dtype
+        if autocast_dtype is not None:
+            keep_fp32_where_needed(self.model)
 
     @torch.inference_mode()
     def __call__(self, images: list[torch.Tensor]) -> list[Output]:
-        outputs = self.model([im.to(self.device) for im in images])
+        from detfit.models.precision import autocast
+
+        with autocast(self.device, self.autocast_dtype):
+            outputs = self.model([im.to(self.device) for im in images])
         return [{k: v.cpu() for k, v in out.items()} for out in outputs]
 
 
@@ -87,10 +101,22 @@ def model_file(path: str | Path) -> Path:
     return path
 
 
-def load_backend(path: str | Path, device: str = "auto", threads: int | None = None) -> Backend:
+def load_backend(
+    path: str | Path,
+    device: str = "auto",
+    threads: int | None = None,
+    precision: str | None = None,
+) -> Backend:
     """Any model file detfit makes: a checkpoint (.pt or run folder), TorchScript or ONNX.
-    ``threads`` sets ONNX Runtime's intra-op threads (torch's are torch.set_num_threads)."""
+    ``threads`` sets ONNX Runtime's intra-op threads (torch's are torch.set_num_threads).
+    ``precision`` (fp32, bf16, fp16) applies to checkpoints; an exported file runs at the
+    precision it was exported with (float32, or int8 from ``export --quantize int8``)."""
     path = model_file(path)
+    if precision not in (None, "fp32") and (path.suffix.lower() == ".onnx" or is_torchscript(path)):
+        raise DetfitError(
+            f"--precision {precision}: applies to checkpoints; {path.name} runs at the precision "
+            "it was exported with"
+        )
     if path.suffix.lower() == ".onnx":
         return _load_onnx(path, device, threads)
     if is_torchscript(path):
@@ -101,11 +127,14 @@ def load_backend(path: str | Path, device: str = "auto", threads: int | None = N
         )
     from detfit.engine.checkpoint import load_checkpoint
     from detfit.models import rebuild_model
+    from detfit.models.precision import autocast_dtype
 
     ckpt = load_checkpoint(path)
     dev = resolve_device(device)
+    dtype = autocast_dtype(precision, dev, log=lambda line: print(line, file=sys.stderr))
     model = rebuild_model(ckpt["model_info"], ckpt["model"], str(path))
-    return Backend(path, "checkpoint", dict(ckpt["model_info"]), dev, EagerRunner(model, dev))
+    runner = EagerRunner(model, dev, dtype)
+    return Backend(path, "checkpoint", dict(ckpt["model_info"]), dev, runner)
 
 
 def _load_torchscript(path: Path, device: str) -> Backend:

@@ -60,7 +60,9 @@ def to_uint8_image(image: ImageLike) -> torch.Tensor:
 
 
 class Predictor:
-    """Loads a checkpoint (.pt or run folder: its best.pt), TorchScript or ONNX model.
+    """Loads a checkpoint (.pt or run folder: its best.pt), TorchScript or ONNX model (an int8
+    one from ``detfit export --quantize int8`` too). ``precision`` bf16 runs a checkpoint under
+    bfloat16 autocast (docs/speed.md).
     ``tta=True``: test-time augmentation, the image and its mirror with detections fused.
 
     >>> predictor = Predictor("runs/maskrcnn_mobilenet_v2_fpn", device="cpu")
@@ -75,8 +77,9 @@ class Predictor:
         classes: Sequence[str | int] | None = None,
         mask_threshold: float = DEFAULT_MASK_THRESHOLD,
         tta: bool = False,
+        precision: str | None = None,
     ) -> None:
-        self.backend: Backend = load_backend(path, device)
+        self.backend: Backend = load_backend(path, device, precision=precision)
         info = self.backend.info
         self.classes: list[str] = list(info.get("classes") or [])
         if not self.classes:

@@ -248,9 +248,11 @@ def predict_inputs(
     progress: bool = True,
     log: Callable[[str], None] = print,
     tta: bool = False,
+    precision: str | None = None,
 ) -> Summary:
     """Predict every image and video; see the module docstring for what is written. Nothing the
-    user gave is overwritten, nor earlier outputs unless ``overwrite``."""
+    user gave is overwritten, nor earlier outputs unless ``overwrite``. ``precision``: fp32, bf16
+    or fp16 for a checkpoint (see Predictor)."""
     if batch_size < 1:
         raise DetfitError(f"--batch-size {batch_size}: must be at least 1")
     if not 0 <= score_threshold <= 1:  # NaN too
@@ -264,7 +266,14 @@ def predict_inputs(
     predictor = (
         model
         if isinstance(model, Predictor)
-        else Predictor(model, device, score_threshold=score_threshold, classes=classes, tta=tta)
+        else Predictor(
+            model,
+            device,
+            score_threshold=score_threshold,
+            classes=classes,
+            tta=tta,
+            precision=precision,
+        )
     )
     remove_stale_partials(out)
     for problem in summary.problems:
