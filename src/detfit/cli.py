@@ -79,8 +79,8 @@ def train(
     logger: Annotated[
         str | None,
         typer.Option(
-            help="none or tensorboard: losses, lr, COCO numbers and pictures under RUN/tensorboard "
-            "(pip install 'detfit[tensorboard]')."
+            help="none, tensorboard (RUN/tensorboard; pip install 'detfit[tensorboard]') or "
+            "mlflow (mlruns/; pip install 'detfit[mlflow]'); several: tensorboard,mlflow."
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -105,7 +105,7 @@ def train(
         workers=workers,
         device=device,
         out=str(out) if out else None,
-        logger=logger,
+        logger=logger.split(",") if logger and "," in logger else logger,
     )
     if resume is not None:
         if config is not None or recipe != "auto" or overwrite:
