@@ -222,6 +222,44 @@ def plot(
 
 
 @app.command()
+def tune(
+    search: Annotated[Path, typer.Argument(help="Search file: base, space, metric, pruner.")],
+    out: Annotated[Path | None, typer.Option(help="Study folder (default studies/<name>).")] = None,
+    trials: Annotated[
+        int, typer.Option(min=1, help="Finished trials wanted in the study, in all.")
+    ] = 20,
+    time: Annotated[
+        float | None, typer.Option(help="Minutes for this run of the study, all trials together.")
+    ] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="Trials at once (processes).")] = 1,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna RDB URL shared by several machines (default: SQLite in --out)."),
+    ] = None,
+) -> None:
+    """Search settings with Optuna: trials as run folders, pruned per epoch; best.yaml at the end.
+    Running the same command again continues the study (see docs/experiments.md)."""
+    from detfit.experiments.tune import tune as run_study
+
+    run_study(search, out, trials=trials, minutes=time, jobs=jobs, storage=storage, log=typer.echo)
+
+
+@app.command()
+def runs(
+    folder: Annotated[Path, typer.Argument(help="Folder of run folders (any depth).")] = Path(
+        "runs"
+    ),
+    sort: Annotated[str, typer.Option(help="Column to sort by (best: highest first).")] = "best",
+    csv: Annotated[bool, typer.Option("--csv", help="CSV instead of aligned columns.")] = False,
+) -> None:
+    """Runs side by side: best metric and epoch, minutes, model, the settings that differ."""
+    from detfit.experiments.runs import format_csv, format_table, runs_table
+
+    rows = runs_table(folder, sort)
+    typer.echo(format_csv(rows) if csv else format_table(rows), nl=not csv)
+
+
+@app.command()
 def predict(
     model: Annotated[
         Path,

@@ -553,6 +553,19 @@ def merge_settings(
     return merged
 
 
+def flatten_settings(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Settings one level deep: mappings flattened with dots (``model_options.min_size``), as
+    MLflow params and ``detfit runs`` show them."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_settings(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 # Named recipes: overrides on TrainConfig's defaults, one place for every tuned number.
 RECIPES: dict[str, dict[str, Any]] = {
     # The tutorial's published run: COCO-pretrained Mask R-CNN, 10 epochs (meant for a GPU).

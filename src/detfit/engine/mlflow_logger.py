@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from detfit.config import flatten_settings
 from detfit.engine.callbacks import Callback
 from detfit.errors import DetfitError
 
@@ -66,16 +67,9 @@ def metric_name(key: str) -> str:
     return _NOT_ALLOWED.sub("_", key)
 
 
-def flat_settings(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Settings as MLflow params: mappings flattened with dots, other values as text."""
-    flat: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flat_settings(value, f"{name}."))
-        else:
-            flat[metric_name(name)] = str(value)
-    return flat
+def flat_settings(data: dict[str, Any]) -> dict[str, str]:
+    """Settings as MLflow params: mappings flattened with dots, values as text."""
+    return {metric_name(k): str(v) for k, v in flatten_settings(data).items()}
 
 
 def open_experiment(client: Any, name: str, uri: str) -> str:
