@@ -155,7 +155,8 @@ def test_rerun_continues_with_two_processes_sharing_the_sqlite_file(study):
 
 
 def test_kill_9_fails_only_the_trial_in_flight(synthetic_root, tmp_path):
-    search = write_search(tmp_path, synthetic_root)
+    """Its trials also log to MLflow: each an MLflow run in the study folder, tagged."""
+    search = write_search(tmp_path, synthetic_root, settings={"logger": "mlflow"})
     study_dir = tmp_path / "study"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
@@ -178,6 +179,13 @@ def test_kill_9_fails_only_the_trial_in_flight(synthetic_root, tmp_path):
     trials = load(study_dir).get_trials()
     assert [(t.number, t.state.name) for t in trials] == [(0, "FAIL"), (1, "COMPLETE")]
     assert (study_dir / "best.yaml").read_text().startswith("# study tiny: trial 1,")
+    client = pytest.importorskip("mlflow").MlflowClient(
+        f"sqlite:///{study_dir / 'mlruns' / 'mlflow.db'}"
+    )
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    (run,) = client.search_runs([experiment], "tags.`optuna.trial` = '1'")
+    assert run.data.tags["optuna.study"] == "tiny" and run.info.status == "FINISHED"
+    assert run.data.tags["detfit.run_dir"] == str((study_dir / "trials" / "trial-0001").resolve())
 
 
 def test_the_pruner_stops_a_trial_after_its_epoch():
@@ -201,6 +209,10 @@ def test_the_pruner_stops_a_trial_after_its_epoch():
     trainer.should_stop = False
     reporter.on_epoch_end(trainer, {"epoch": 1, "segm_AP": 0.7})  # above the median: goes on
     assert not trainer.should_stop and reporter.best == 0.7
+    reporter.deadline = time.time() - 1  # the study's --time is up: stops after this epoch
+    reporter.on_epoch_end(trainer, {"epoch": 2, "segm_AP": 0.6})
+    assert trainer.should_stop and reporter.stopped == "time"
+    assert (reporter.best, reporter.best_epoch) == (0.7, 1)
 
 
 @pytest.mark.parametrize(

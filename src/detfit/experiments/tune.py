@@ -59,6 +59,8 @@ def optuna_module() -> Any:
         raise DetfitError(
             "detfit tune needs the optuna package: pip install 'detfit[tune]'"
         ) from None
+    # the heartbeat and the pictures are "experimental" in optuna: not a warning per call
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
 
