@@ -115,7 +115,9 @@ def test_torchrun_trains_with_ddp_and_only_rank0_writes(synthetic_root, tmp_path
         "--epochs",
         "2",
         "--logger",
-        "tensorboard",
+        "tensorboard,mlflow",
+        "--set",
+        f"mlflow_tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
         "--set",
         "val_loss=true",
         "--set",
@@ -152,6 +154,10 @@ def test_torchrun_trains_with_ddp_and_only_rank0_writes(synthetic_root, tmp_path
         "val_predictions.jpg",
     ]
     assert len(list((out / "tensorboard").iterdir())) == 1  # one events file: rank 0's
+    client = pytest.importorskip("mlflow").MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    (logged,) = client.search_runs([client.get_experiment_by_name("detfit").experiment_id])
+    steps = [m.step for m in client.get_metric_history(logged.info.run_id, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4]  # one MLflow run, each step once: rank 0's
     # the validation loss of all 3 test images, gathered from both ranks' shares
     assert all(r["val_loss"] > 0 and "val_loss_classifier" in r for r in history)
 

@@ -124,8 +124,8 @@ def train(
     logger: Annotated[
         str | None,
         typer.Option(
-            help="none or tensorboard: losses, lr, COCO numbers and pictures under RUN/tensorboard "
-            "(pip install 'detfit[tensorboard]')."
+            help="none, tensorboard (RUN/tensorboard; pip install 'detfit[tensorboard]') or "
+            "mlflow (mlruns/; pip install 'detfit[mlflow]'); several: tensorboard,mlflow."
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -164,7 +164,7 @@ def train(
         workers=workers,
         device=device,
         out=str(out) if out else None,
-        logger=logger,
+        logger=logger.split(",") if logger and "," in logger else logger,
         time_budget=time_budget,
     )
     if resume is not None:
@@ -298,6 +298,44 @@ def plot(
     from detfit.plots.curves import plot_run_folders
 
     typer.echo(f"wrote {plot_run_folders(runs, file)}")
+
+
+@app.command()
+def tune(
+    search: Annotated[Path, typer.Argument(help="Search file: base, space, metric, pruner.")],
+    out: Annotated[Path | None, typer.Option(help="Study folder (default studies/<name>).")] = None,
+    trials: Annotated[
+        int, typer.Option(min=1, help="Finished trials wanted in the study, in all.")
+    ] = 20,
+    time: Annotated[
+        float | None, typer.Option(help="Minutes for this run of the study, all trials together.")
+    ] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="Trials at once (processes).")] = 1,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna RDB URL shared by several machines (default: SQLite in --out)."),
+    ] = None,
+) -> None:
+    """Search settings with Optuna: trials as run folders, pruned per epoch; best.yaml at the end.
+    Running the same command again continues the study (see docs/experiments.md)."""
+    from detfit.experiments.tune import tune as run_study
+
+    run_study(search, out, trials=trials, minutes=time, jobs=jobs, storage=storage, log=typer.echo)
+
+
+@app.command()
+def runs(
+    folder: Annotated[Path, typer.Argument(help="Folder of run folders (any depth).")] = Path(
+        "runs"
+    ),
+    sort: Annotated[str, typer.Option(help="Column to sort by (best: highest first).")] = "best",
+    csv: Annotated[bool, typer.Option("--csv", help="CSV instead of aligned columns.")] = False,
+) -> None:
+    """Runs side by side: best metric and epoch, minutes, model, the settings that differ."""
+    from detfit.experiments.runs import format_csv, format_table, runs_table
+
+    rows = runs_table(folder, sort)
+    typer.echo(format_csv(rows) if csv else format_table(rows), nl=not csv)
 
 
 @app.command()

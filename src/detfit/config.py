@@ -222,6 +222,8 @@ EvalBackend = Literal["faster-coco-eval", "pycocotools"]
 MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 # Arithmetic of training, evaluation and prediction (detfit.models.precision).
 Precision = Literal["fp32", "bf16", "fp16"]
+# Where a run's curves and numbers also go (detfit.engine.tensorboard, detfit.engine.mlflow_logger).
+LoggerName = Literal["none", "tensorboard", "mlflow"]
 # The speed-up settings (models.speedups), at the values that switch each off (the plain path).
 # Each keeps the model's function, so a run may change them on resume.
 SPEED_UPS_OFF: dict[str, Any] = {
@@ -393,8 +395,20 @@ class TrainConfig(BaseModel):
     val_loss: bool = Field(
         False, description="also compute the losses on the held-out split every epoch (val_*)"
     )
-    logger: Literal["none", "tensorboard"] = Field(
-        "none", description="tensorboard: scalars and images under RUN/tensorboard"
+    logger: LoggerName | list[LoggerName] = Field(
+        "none",
+        description="tensorboard: scalars and images under RUN/tensorboard; mlflow: params, "
+        "metrics and pictures in an MLflow store; a list for several, e.g. [tensorboard, mlflow]",
+    )
+    # experiment tracking (logger: mlflow; see docs/experiments.md)
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow store; None: $MLFLOW_TRACKING_URI, else sqlite in mlruns/ of the "
+        "current folder (beside runs/)",
+    )
+    mlflow_experiment: str = Field("detfit", description="MLflow experiment the run is logged in")
+    mlflow_tags: dict[str, str] = Field(
+        default_factory=dict, description="tags on the MLflow run (detfit tune adds the study's)"
     )
     checkpoint_every_iters: PositiveInt | None = Field(
         None, description="also write last.pt every N training iterations"
@@ -506,6 +520,11 @@ class TrainConfig(BaseModel):
             super().__setattr__(name, value)
         except ValidationError as exc:
             raise SettingsError(describe_errors(exc, {name: value})) from None
+
+    def loggers(self) -> list[str]:
+        """The loggers in force: ``logger`` as a list, without ``none``."""
+        names = [self.logger] if isinstance(self.logger, str) else self.logger
+        return [n for n in dict.fromkeys(names) if n != "none"]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (what config.yaml and checkpoints hold)."""
@@ -652,6 +671,19 @@ def merge_settings(
             node = child
         node[parts[-1]] = value
     return merged
+
+
+def flatten_settings(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Settings one level deep: mappings flattened with dots (``model_options.min_size``), as
+    MLflow params and ``detfit runs`` show them."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_settings(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 # Named recipes: overrides on TrainConfig's defaults, one place for every tuned number.

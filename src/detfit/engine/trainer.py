@@ -627,10 +627,14 @@ class Trainer:
         callbacks += [Checkpointer(cfg.checkpoint_every_iters), MetricsWriter(), ConsoleLog()]
         if cfg.plots:
             callbacks.append(Plots())
-        if cfg.logger == "tensorboard":
+        if "tensorboard" in cfg.loggers():
             from detfit.engine.tensorboard import TensorBoardLogger
 
             callbacks.append(TensorBoardLogger())
+        if "mlflow" in cfg.loggers():
+            from detfit.engine.mlflow_logger import MLflowLogger
+
+            callbacks.append(MLflowLogger())
         if self.progress:
             callbacks.append(ProgressBar())
         return callbacks
