@@ -72,8 +72,9 @@ class Predictor:
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         classes: Sequence[str | int] | None = None,
         mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+        threads: int | None = None,
     ) -> None:
-        self.backend: Backend = load_backend(path, device)
+        self.backend: Backend = load_backend(path, device, threads)
         info = self.backend.info
         self.classes: list[str] = list(info.get("classes") or [])
         if not self.classes:
