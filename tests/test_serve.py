@@ -70,7 +70,7 @@ def test_results_equal_detfit_predict(served, kind, tmp_path, monkeypatch, capsy
     with TestClient(create_app(settings(model))) as c:
         card = c.get("/v1/model").json()
         assert card["kind"] == ("checkpoint" if kind == "run" else kind)
-        assert card["runtime"] == ("onnxruntime" if kind == "onnx" else "torch")
+        assert card["backend"] == ("onnxruntime" if kind == "onnx" else "torch")
         assert card["classes"] == ["cat", "dog"] and card["category_ids"] == [17, 18]
         assert card["input_size"] == {"min_size": 64, "max_size": 96}
         assert card["outputs"] == ["bbox", "segm"]

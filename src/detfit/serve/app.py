@@ -63,7 +63,7 @@ def model_card(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
     return {
         "name": predictor.name,
         "kind": predictor.kind,
-        "runtime": "onnxruntime" if predictor.kind == "onnx" else "torch",
+        "backend": "onnxruntime" if predictor.kind == "onnx" else "torch",
         "device": str(backend.device),
         "file": backend.path.name,
         "outputs": tasks,

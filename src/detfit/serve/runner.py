@@ -3,7 +3,7 @@ taking connections, lets the requests in flight finish (up to ``drain_s``), then
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import signal
 import sys
@@ -12,19 +12,19 @@ from collections.abc import Callable
 from detfit.errors import DetfitError
 from detfit.serve.settings import SETTINGS_ENV, ServeSettings
 
-EXTRA_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
+# python-multipart's module (named multipart before 0.0.13), which parses uploaded forms
+EXTRA_MODULES = ("fastapi", "uvicorn", "python_multipart|multipart", "prometheus_client")
 
 
 def require_extra() -> None:
     """One line naming the extra when a module of it is missing."""
-    for name in EXTRA_MODULES:
-        try:
-            importlib.import_module(name)
-        except ImportError:
+    for names in EXTRA_MODULES:
+        if not any(importlib.util.find_spec(n) for n in names.split("|")):
+            name = names.split("|")[0]
             raise DetfitError(
                 f"detfit serve needs the serve extra ({name} is missing): "
                 "pip install 'detfit[serve]'"
-            ) from None
+            )
 
 
 def serve(settings: ServeSettings, log: Callable[[str], None] = print) -> None:

@@ -30,7 +30,7 @@ async function loadModel() {
   state.card = card;
   const size = card.input_size.min_size ? `, resized to ${card.input_size.min_size}px` : "";
   $("model").textContent =
-    `${card.name} (${card.kind}, ${card.runtime} on ${card.device}${size}): ` +
+    `${card.name} (${card.kind}, ${card.backend} on ${card.device}${size}): ` +
     card.classes.join(", ");
   $("score").value = card.score_threshold;
   showScore();
