@@ -493,6 +493,43 @@ def export(
     typer.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); {checked}")
 
 
+@app.command()
+def serve(
+    model: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="What predict takes: run folder, .pt, .onnx.")
+    ],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens it to others.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    device: Device = "auto",
+    threads: Annotated[int | None, typer.Option(help="Threads per worker.")] = None,
+    workers: Annotated[int, typer.Option(help="Processes, each with its own model.")] = 1,
+    max_batch: Annotated[int, typer.Option(help="Requests per model call at most.")] = 4,
+    max_wait_ms: Annotated[float, typer.Option(help="Wait for a batch to fill (ms).")] = 5.0,
+    max_bytes: Annotated[int, typer.Option(help="Largest upload (413 above).")] = 20 * 2**20,
+    max_pixels: Annotated[int, typer.Option(help="Largest image, W x H (413).")] = 40_000_000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DETFIT_API_KEY", help="Key asked of /v1 and /metrics.")
+    ] = None,
+    cors: Annotated[
+        list[str], typer.Option("--cors", metavar="ORIGIN", help="Allow this browser origin.")
+    ] = [],  # noqa: B006
+    score_threshold: Annotated[float, typer.Option(help="Default of a request.")] = 0.5,
+) -> None:
+    """Serve MODEL over HTTP: POST /v1/predict, GET /v1/model, /health, /metrics and a web page
+    at / (see docs/serve.md). Needs pip install 'detfit[serve]'."""
+    from detfit.serve.runner import serve as run_server
+    from detfit.serve.settings import ServeSettings
+
+    settings = ServeSettings.parse(
+        model=str(model), host=host, port=port, device=device, threads=threads, workers=workers,
+        max_batch=max_batch, max_wait_ms=max_wait_ms, max_bytes=max_bytes, max_pixels=max_pixels,
+        api_key=api_key, cors=cors, score_threshold=score_threshold,
+    )  # fmt: skip
+    run_server(settings, log=lambda line: typer.echo(line, err=True))
+
+
 @data_app.command("pennfudan")
 def data_pennfudan(
     data_root: DataRoot = None,

@@ -78,8 +78,9 @@ class Predictor:
         mask_threshold: float = DEFAULT_MASK_THRESHOLD,
         tta: bool = False,
         precision: str | None = None,
+        threads: int | None = None,
     ) -> None:
-        self.backend: Backend = load_backend(path, device, precision=precision)
+        self.backend: Backend = load_backend(path, device, threads, precision=precision)
         info = self.backend.info
         self.classes: list[str] = list(info.get("classes") or [])
         if not self.classes:
