@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detfit import distributed
 from detfit.errors import DetfitError
 from detfit.eval.backends import check_backend
 from detfit.eval.loop import EvaluationResult, evaluate
+
+if TYPE_CHECKING:
+    from detfit.predict.slicing import Slicing
 
 # Where the images scored come from, as Datasets.held_out names it, in words.
 SCORED = {
@@ -31,12 +34,14 @@ def evaluate_checkpoint(
     backend: str | None = None,
     plots: str | Path | None = None,
     log: Callable[[str], None] = print,
+    slicing: Slicing | None = None,
 ) -> EvaluationResult:
     """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data`` (its test or
     val split when it names one, else every image), with the COCO metric ``backend`` (None: the
     run's ``eval_backend``). ``verbose`` prints the metric's summary table per IoU type (not its
     index-building chatter); ``plots`` names a folder for the PR curves, confusion matrix and
-    ``val_predictions.jpg``; ``log`` gets one line saying which images are scored.
+    ``val_predictions.jpg``; ``log`` gets one line saying which images are scored. ``slicing``
+    scores sliced inference (:mod:`detfit.predict.slicing`) with the same metric.
 
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
@@ -44,6 +49,7 @@ def evaluate_checkpoint(
     from detfit.config import TrainConfig
     from detfit.engine.builders import build_datasets, build_loaders
     from detfit.engine.checkpoint import load_checkpoint
+    from detfit.models import iou_types as model_iou_types
     from detfit.models import rebuild_model
     from detfit.models.speedups import speed_up
 
@@ -81,16 +87,22 @@ def evaluate_checkpoint(
         )
         source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
         scored = f"{SCORED[datasets.held_out]}{source}"
+        if slicing is not None:
+            from detfit.predict.slicing import SlicedModel
+
+            scored += f", sliced in {slicing.size} px tiles"
+            scored += "" if slicing.full else " (no whole-image pass)"
         if main():  # only now: a checkpoint that does not load is one line, this one is not
             log(f"scoring {len(datasets.test)} images: {scored}")
         result = evaluate(
-            model,
+            model if slicing is None else SlicedModel(model, slicing),
             loaders.test,
             dev,
             classes=datasets.classes,
             progress=progress,
             verbose=False,
             backend=cfg.eval_backend,
+            iou_types=model_iou_types(model),
         )
         if main() and verbose:
             for iou_type, coco_eval in result.coco_eval.items():

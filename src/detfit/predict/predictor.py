@@ -12,6 +12,7 @@ import torch
 
 from detfit.errors import DetfitError
 from detfit.predict.backends import Backend, load_backend
+from detfit.predict.slicing import Slicing, sliced_output
 
 ImageLike = Any  # a path, a PIL image, an HxWx3 numpy array or a [3,H,W] tensor
 # Detections scoring below this are not shown: by predict, in galleries and confusion matrices.
@@ -63,6 +64,9 @@ class Predictor:
 
     >>> predictor = Predictor("runs/maskrcnn_mobilenet_v2_fpn", device="cpu")
     >>> result = predictor("photo.jpg")  # Prediction(boxes, labels, scores, class_names, masks)
+
+    ``slicing`` (e.g. ``Slicing(640, overlap=0.2)``) predicts each image on overlapping tiles
+    plus the whole image, merged (:mod:`detfit.predict.slicing`): small objects in large images.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class Predictor:
         score_threshold: float = DEFAULT_SCORE_THRESHOLD,
         classes: Sequence[str | int] | None = None,
         mask_threshold: float = DEFAULT_MASK_THRESHOLD,
+        slicing: Slicing | None = None,
     ) -> None:
         self.backend: Backend = load_backend(path, device)
         info = self.backend.info
@@ -82,6 +87,7 @@ class Predictor:
         self.category_ids: list[int] = list(ids) if ids else list(range(len(self.classes)))
         self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
         self.keep_labels = self._labels(classes) if classes else None
+        self.slicing = slicing
 
     @property
     def kind(self) -> str:
@@ -111,7 +117,18 @@ class Predictor:
     def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
         """One Prediction per image, in order (one model call for the batch)."""
         uint8 = [to_uint8_image(im) for im in images]
-        outputs = self.backend([im.float() / 255.0 for im in uint8])
+        floats = [im.float() / 255.0 for im in uint8]
+        if self.slicing is None:
+            outputs = self.backend(floats)
+        else:
+            outputs = []
+            for im in floats:
+                self.slicing.check(*im.shape[-2:])
+                outputs.append(
+                    sliced_output(
+                        self.backend, im, self.slicing, self.mask_threshold, self.score_threshold
+                    )
+                )
         return [self._result(out, im) for out, im in zip(outputs, uint8)]
 
     def _result(self, out: dict[str, torch.Tensor], image: torch.Tensor) -> Prediction:
