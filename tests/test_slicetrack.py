@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_main
+from conftest import SMALL, run_main
 from detfit.predict.backends import Backend
 from detfit.predict.overlay import MASK_ALPHA, UNTRACKED, draw_prediction, instance_colour
 from detfit.predict.predictor import Prediction, Predictor
@@ -315,3 +315,92 @@ def test_prediction_counts_per_class_from_tracks():
         ids = tracker.update(p)
     assert ids[0] is not None and ids[0] != ids[1]
     assert tracker.counts() == {"cat": 1, "dog": 1}
+
+
+def untrained_checkpoint(path: Path, coco: Path) -> Path:
+    """A tiny Mask R-CNN with random weights and every candidate kept, as a checkpoint of a
+    run on ``coco`` (no training: it is scored, not judged)."""
+    from detfit.config import TrainConfig
+    from detfit.engine.builders import build_datasets
+    from detfit.models import build_model, model_info
+
+    options = {**SMALL, "box_score_thresh": 0.0, "box_detections_per_img": 20}
+    cfg = TrainConfig(
+        dataset=f"coco:{coco}",
+        model="maskrcnn_mobilenet_v2_fpn",
+        weights=None,
+        weights_backbone=None,
+        model_options=options,
+        batch_size=2,
+        workers=0,
+        threads=1,
+    )
+    data = build_datasets(cfg, log=lambda s: None, held_out="all")
+    torch.manual_seed(0)
+    model = build_model(
+        cfg.model, len(data.classes), weights=None, weights_backbone=None, **options
+    )
+    info = model_info(cfg.model, len(data.classes), data.classes, options, model)
+    info["category_ids"] = data.category_ids
+    torch.save({"model": model.state_dict(), "model_info": info, "config": cfg.to_dict()}, path)
+    return path
+
+
+def test_eval_slice_scores_what_predict_slice_writes(tmp_path, monkeypatch, capsys):
+    """``eval --slice`` and pycocotools on ``predict --slice --coco-json`` agree, on ground
+    truth made from the sliced model's own top detections (so that the AP is well above 0)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from detfit.data.rle import encode_masks
+    from detfit.data.synthetic import write_all_formats
+
+    coco_file = write_all_formats(tmp_path / "data", num_images=4)["coco"]
+    checkpoint = untrained_checkpoint(tmp_path / "random.pt", coco_file)
+    coco = json.loads(coco_file.read_text())
+    subset = {**coco, "annotations": []}
+    predictor = Predictor(checkpoint, device="cpu", score_threshold=0.0, slicing=Slicing(48))
+    folder = coco_file.parent / "images"
+    for im in subset["images"]:
+        p = predictor(folder / im["file_name"])
+        for k in [k for k in range(len(p)) if p.masks[k].any()][:3]:
+            x0, y0, x1, y1 = p.boxes[k].tolist()
+            subset["annotations"].append(
+                {
+                    "id": len(subset["annotations"]) + 1,
+                    "image_id": im["id"],
+                    "category_id": p.category_ids[k],
+                    "bbox": [x0 + 1, y0, x1 - x0 - 1, y1 - y0],
+                    "segmentation": encode_masks(p.masks[k : k + 1])[0],
+                    "area": float(p.masks[k].sum()),
+                    "iscrowd": 0,
+                }
+            )
+    sub = coco_file.with_name("subset.json")
+    sub.write_text(json.dumps(subset))
+    stats = tmp_path / "stats.json"
+    code, _, err = run_main(
+        monkeypatch, capsys, "eval", checkpoint, "--data", f"coco:{sub},val={sub}", "--json",
+        stats, "--no-plots", "--slice", "48",
+    )  # fmt: skip
+    assert code in (None, 0), err
+    assert "sliced in 48 px tiles" in err
+    expected = json.loads(stats.read_text())
+    results = tmp_path / "results.json"
+    images = [folder / im["file_name"] for im in subset["images"]]
+    code, _, err = run_main(
+        monkeypatch, capsys, "predict", checkpoint, *images, "--out", tmp_path / "p",
+        "--score-threshold", "0", "--coco-json", results, "--image-ids", sub, "--slice", "48",
+        "--quiet",
+    )  # fmt: skip
+    assert code in (None, 0), err
+    gt = COCO(str(sub))
+    dt = gt.loadRes(str(results))
+    for iou_type in ("bbox", "segm"):
+        evaluator = COCOeval(gt, dt, iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        assert expected[iou_type]["AP"] > 0.3
+        assert evaluator.stats[0] == pytest.approx(expected[iou_type]["AP"], abs=1e-6)
+        assert evaluator.stats[1] == pytest.approx(expected[iou_type]["AP50"], abs=1e-6)
