@@ -262,7 +262,12 @@ def test_overlays_colour_each_object_and_its_track(tmp_path):
     )
     assert tracked[:, 100, 60].tolist() == [round(MASK_ALPHA * c) for c in instance_colour(7)]
     assert tracked[:, 170, 180].tolist() == [round(MASK_ALPHA * c) for c in UNTRACKED]
-    Image.fromarray(tracked.permute(1, 2, 0).numpy()).save(tmp_path / "tracked.png")
+    # galleries draw ground truth the same way: two overlapping cats, two colours
+    from detfit.plots.gallery import draw_target
+
+    target = {"boxes": boxes, "labels": torch.tensor([1, 1]), "masks": masks.float()}
+    truth = draw_target(image, target, ["__background__", "cat"])
+    assert truth[:, 100, 60].tolist() == first and truth[:, 170, 180].tolist() == second
 
 
 def test_bad_slice_and_track_requests_are_one_line_each(

@@ -290,7 +290,7 @@ def predict(
         bool,
         typer.Option(
             help="Videos: follow objects (ByteTrack), a track_id per detection, tracks counted "
-            "per class (pip install 'detfit[track]')."
+            "per class (pip install 'detfit\\[track]')."
         ),
     ] = False,
 ) -> None:
