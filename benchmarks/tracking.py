@@ -112,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="Folder for the video and run.")
     parser.add_argument("--checkpoint", type=Path, help="Default: WORK/run/best.pt.")
-    parser.add_argument("--frames", type=int, default=80)
+    parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--objects", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
