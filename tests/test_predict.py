@@ -21,7 +21,7 @@ from detfit import Predictor
 from detfit.config import TrainConfig
 from detfit.data.synthetic import write_all_formats
 from detfit.export import export_model, strip_checkpoint
-from detfit.predict.overlay import PALETTE, class_colour, draw_prediction, text_size
+from detfit.predict.overlay import PALETTE, draw_prediction, instance_colour, text_size
 
 
 @pytest.fixture(scope="module")
@@ -340,9 +340,9 @@ def test_overlays_are_readable():
     boxes = torch.tensor([[50.0, 50, 150, 150], [200, 100, 350, 250]])
     drawn = draw_prediction(image, boxes, [1, 2], [0.9, 0.8], ["cat", "dog"], masks)
     inside = drawn[:, 120, 100].tolist()
-    assert inside != [0, 0, 0] and inside == [round(0.45 * c) for c in class_colour(1)]
-    assert drawn[:, 200, 300].tolist() == [round(0.45 * c) for c in class_colour(2)]
-    assert class_colour(1) != class_colour(2) and (0, 0, 0) not in PALETTE
+    assert inside != [0, 0, 0] and inside == [round(0.45 * c) for c in instance_colour(0)]
+    assert drawn[:, 200, 300].tolist() == [round(0.45 * c) for c in instance_colour(1)]
+    assert instance_colour(0) != instance_colour(1) and (0, 0, 0) not in PALETTE
     assert text_size(64, 64) == 11 and text_size(1080, 1920) == 34
-    # the label sits on a filled background above the box, in the class colour
-    assert tuple(drawn[:, 49, 50].tolist()) == class_colour(1)
+    # the label sits on a filled background above the box, in the object's colour
+    assert tuple(drawn[:, 49, 50].tolist()) == instance_colour(0)

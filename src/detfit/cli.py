@@ -207,6 +207,27 @@ def train(
     say(f"done: {run_dir} (best.pt, last.pt, metrics.csv, config.yaml)")
 
 
+SliceSize = Annotated[
+    int | None,
+    typer.Option(
+        "--slice",
+        metavar="SIZE",
+        help="Predict on overlapping SIZE x SIZE tiles (plus the whole image), merged: small "
+        "objects in large images. See docs/predict.md.",
+    ),
+]
+SliceOverlap = Annotated[float, typer.Option(help="With --slice: share of a tile overlapping.")]
+SliceFull = Annotated[
+    bool, typer.Option(help="With --slice: also predict the whole image (large objects).")
+]
+
+
+def _slicing(size: int | None, overlap: float, full: bool):
+    from detfit.predict.slicing import Slicing
+
+    return Slicing(size, overlap, full) if size is not None else None
+
+
 @app.command("eval")
 def eval_(
     checkpoint: Annotated[
@@ -251,6 +272,9 @@ def eval_(
         ),
     ] = None,
     precision: Precision = None,
+    slice_: SliceSize = None,
+    overlap: SliceOverlap = 0.2,
+    slice_full: SliceFull = True,
 ) -> None:
     """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type, and
     AP per class), with PR curves, a confusion matrix and predictions beside ground truth.
@@ -271,6 +295,7 @@ def eval_(
         log=lambda line: typer.echo(line, err=True),
         tta=tta,
         precision=precision,
+        slicing=_slicing(slice_, overlap, slice_full),
     )
     if not distributed.env_is_main():
         return
@@ -382,6 +407,16 @@ def predict(
         bool, typer.Option("--tta", help="Test-time augmentation: the image and its mirror, fused.")
     ] = False,
     precision: Precision = None,
+    slice_: SliceSize = None,
+    overlap: SliceOverlap = 0.2,
+    slice_full: SliceFull = True,
+    track: Annotated[
+        bool,
+        typer.Option(
+            help="Videos: follow objects (ByteTrack), a track_id per detection, tracks counted "
+            "per class (pip install 'detfit[track]')."
+        ),
+    ] = False,
 ) -> None:
     """Draw masks, boxes, classes and scores; write <name>.png and <name>.json per image (videos:
     <name>.mp4 and <name>.jsonl per frame). Unusable inputs are one line each; exit 1 if any."""
@@ -403,9 +438,14 @@ def predict(
         log=lambda line: typer.echo(line, err=True),
         tta=tta,
         precision=precision,
+        slicing=_slicing(slice_, overlap, slice_full),
+        track=track,
     )
     frames = f", {summary.frames} video frames" if summary.frames else ""
     typer.echo(f"{summary.images} images{frames}: wrote {len(summary.written)} files to {out}")
+    for video, counts in summary.tracks.items():
+        found = ", ".join(f"{n} {name}" for name, n in counts.items()) or "none"
+        typer.echo(f"{video}: tracks per class: {found}")
     if summary.problems:
         typer.echo(f"detfit: {len(summary.problems)} input(s) skipped (above)", err=True)
         raise typer.Exit(1)

@@ -171,3 +171,113 @@ def write_all_formats(
         "yolo-seg": root / "yolo-seg" / "data.yaml",
         "masks": root / "masks",
     }
+
+
+def scattered_objects(
+    height: int,
+    width: int,
+    count: int,
+    object_size: tuple[int, int],
+    rng: np.random.Generator,
+) -> list[dict]:
+    """Up to ``count`` non-overlapping objects (label 1..3, polygon in pixels) of
+    ``object_size`` (min, max) pixels a side, anywhere in a ``height`` x ``width`` image: the
+    small objects of a large drone, microscope or shelf photo."""
+    lo, hi = object_size
+    objects: list[dict] = []
+    taken: list[tuple[float, float, float, float]] = []
+    for _ in range(count * 20):  # rejection sampling; a crowded image keeps fewer
+        if len(objects) == count:
+            break
+        bw, bh = (float(v) for v in rng.integers(lo, hi + 1, 2))
+        x0, y0 = float(rng.uniform(1, width - bw - 1)), float(rng.uniform(1, height - bh - 1))
+        x1, y1 = x0 + bw, y0 + bh
+        if any(x0 < b[2] + 2 and b[0] < x1 + 2 and y0 < b[3] + 2 and b[1] < y1 + 2 for b in taken):
+            continue
+        taken.append((x0, y0, x1, y1))
+        objects.append(
+            {
+                "label": int(rng.integers(1, len(SYNTHETIC_CLASSES) + 1)),
+                "polygon": shape_polygon(x0, y0, x1, y1, bool(rng.random() < 0.5)),
+            }
+        )
+    return objects
+
+
+def shape_polygon(x0: float, y0: float, x1: float, y1: float, house: bool) -> list[float]:
+    """A pentagon (house shape) or a rectangle filling the box, as synthetic_objects draws."""
+    xm = (x0 + x1) / 2
+    if house:
+        polygon = [x0, y1, x0, (y0 + y1) / 2, xm, y0, x1, (y0 + y1) / 2, x1, y1]
+    else:
+        polygon = [x0, y0, x1, y0, x1, y1, x0, y1]
+    return [float(round(v)) for v in polygon]
+
+
+def render(height: int, width: int, objects: list[dict], rng: np.random.Generator) -> np.ndarray:
+    """Noise with each object filled in its class's colour (as write_all_formats paints them)."""
+    import pycocotools.mask as mask_util
+
+    from detfit.data.records import Instance
+    from detfit.data.rle import instance_rle
+
+    pixels = rng.integers(0, 80, (height, width, 3), dtype=np.uint8)
+    for k, obj in enumerate(objects, 1):
+        xs, ys = obj["polygon"][0::2], obj["polygon"][1::2]
+        bx0, by0 = int(min(xs)), int(min(ys))
+        bx1, by1 = int(max(xs)) + 2, int(max(ys)) + 2
+        local = [v - (bx0 if i % 2 == 0 else by0) for i, v in enumerate(obj["polygon"])]
+        rle = instance_rle(Instance(obj["label"], polygons=[local]), by1 - by0, bx1 - bx0)
+        mask = mask_util.decode(rle).astype(bool)
+        region = pixels[by0:by1, bx0:bx1][: mask.shape[0], : mask.shape[1]]
+        region[mask[: region.shape[0], : region.shape[1]]] = (
+            60 + 60 * obj["label"],
+            255 - 50 * obj["label"],
+            40 * (k % 6),
+        )
+    return pixels
+
+
+def write_scattered_coco(
+    root: str | Path,
+    num_images: int,
+    size: tuple[int, int],
+    objects_per_image: int,
+    object_size: tuple[int, int] = (16, 40),
+    seed: int = 0,
+) -> Path:
+    """``root/images/*.png`` and ``root/annotations.json`` (COCO, the 3 synthetic classes with
+    ids 7/3/12): ``size`` (height, width) images with small scattered objects; returns the
+    annotations file. Small images train a detector, large ones test sliced inference."""
+    import json
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    coco: dict = {"images": [], "annotations": [], "categories": []}
+    coco["categories"] = [
+        {"id": cid, "name": name} for cid, name in zip(COCO_CATEGORY_IDS, SYNTHETIC_CLASSES)
+    ]
+    height, width = size
+    for image_id in range(num_images):
+        objects = scattered_objects(height, width, objects_per_image, object_size, rng)
+        name = f"img{image_id:04d}.png"
+        Image.fromarray(render(height, width, objects, rng)).save(root / "images" / name)
+        coco["images"].append({"id": image_id, "file_name": name, "width": width, "height": height})
+        for obj in objects:
+            xs, ys = obj["polygon"][0::2], obj["polygon"][1::2]
+            x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": COCO_CATEGORY_IDS[obj["label"] - 1],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "segmentation": [obj["polygon"]],
+                    "iscrowd": 0,
+                }
+            )
+    path = root / "annotations.json"
+    path.write_text(json.dumps(coco))
+    return path

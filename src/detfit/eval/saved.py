@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detfit import distributed
 from detfit.errors import DetfitError
 from detfit.eval.backends import check_backend
 from detfit.eval.loop import EvaluationResult, evaluate
+
+if TYPE_CHECKING:
+    from detfit.predict.slicing import Slicing
 
 # Where the images scored come from, as Datasets.held_out names it, in words.
 SCORED = {
@@ -33,6 +36,7 @@ def evaluate_checkpoint(
     log: Callable[[str], None] = print,
     tta: bool | None = None,
     precision: str | None = None,
+    slicing: Slicing | None = None,
 ) -> EvaluationResult:
     """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data`` (its test or
     val split when it names one, else every image), with the COCO metric ``backend`` (None: the
@@ -40,7 +44,8 @@ def evaluate_checkpoint(
     index-building chatter); ``plots`` names a folder for the PR curves, confusion matrix and
     ``val_predictions.jpg``; ``log`` gets one line saying which images are scored; ``tta``:
     with test-time augmentation (None: as the run's ``tta`` setting);
-    ``precision`` (fp32, bf16, fp16) overrides the run's own (its precision/amp settings).
+    ``precision`` (fp32, bf16, fp16) overrides the run's own (its precision/amp settings);
+    ``slicing`` scores sliced inference (:mod:`detfit.predict.slicing`) with the same metric.
 
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
@@ -48,6 +53,7 @@ def evaluate_checkpoint(
     from detfit.config import TrainConfig
     from detfit.engine.builders import build_datasets, build_loaders
     from detfit.engine.checkpoint import load_checkpoint, run_checkpoint
+    from detfit.models import iou_types as model_iou_types
     from detfit.models import rebuild_model
     from detfit.models.precision import autocast_dtype, keep_fp32_where_needed
     from detfit.models.speedups import speed_up
@@ -95,10 +101,15 @@ def evaluate_checkpoint(
             keep_fp32_where_needed(model)
         source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
         scored = f"{SCORED[datasets.held_out]}{source}"
+        if slicing is not None:
+            from detfit.predict.slicing import SlicedModel
+
+            scored += f", sliced in {slicing.size} px tiles"
+            scored += "" if slicing.full else " (no whole-image pass)"
         if main():  # only now: a checkpoint that does not load is one line, this one is not
             log(f"scoring {len(datasets.test)} images: {scored}")
         result = evaluate(
-            model,
+            model if slicing is None else SlicedModel(model, slicing),
             loaders.test,
             dev,
             classes=datasets.classes,
@@ -109,6 +120,7 @@ def evaluate_checkpoint(
                 cfg.tta if tta is None else tta, ckpt["model_info"].get("keypoint_names")
             ),
             autocast_dtype=dtype,
+            iou_types=model_iou_types(model),
         )
         if main() and verbose:
             for iou_type, coco_eval in result.coco_eval.items():

@@ -13,6 +13,7 @@ import torch
 from detfit.errors import DetfitError
 from detfit.models.tta import tta_predict, tta_views
 from detfit.predict.backends import Backend, load_backend
+from detfit.predict.slicing import Slicing, sliced_output
 
 ImageLike = Any  # a path, a PIL image, an HxWx3 numpy array or a [3,H,W] tensor
 # Detections scoring below this are not shown: by predict, in galleries and confusion matrices.
@@ -67,6 +68,9 @@ class Predictor:
 
     >>> predictor = Predictor("runs/maskrcnn_mobilenet_v2_fpn", device="cpu")
     >>> result = predictor("photo.jpg")  # Prediction(boxes, labels, scores, class_names, masks)
+
+    ``slicing`` (e.g. ``Slicing(640, overlap=0.2)``) predicts each image on overlapping tiles
+    plus the whole image, merged (:mod:`detfit.predict.slicing`): small objects in large images.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Predictor:
         tta: bool = False,
         precision: str | None = None,
         threads: int | None = None,
+        slicing: Slicing | None = None,
     ) -> None:
         self.backend: Backend = load_backend(path, device, threads, precision=precision)
         info = self.backend.info
@@ -91,6 +96,7 @@ class Predictor:
         self.keep_labels = self._labels(classes) if classes else None
         # test-time augmentation (the image and its mirror, fused): detfit.models.tta
         self.tta = tta_views(tta, info.get("keypoint_names"))
+        self.slicing = slicing
 
     @property
     def kind(self) -> str:
@@ -131,9 +137,23 @@ class Predictor:
         outputs: list[Any] = [None] * len(uint8)
         for indices in by_size.values():
             floats = [uint8[i].float() / 255.0 for i in indices]
-            results = (
-                tta_predict(self.backend, floats, self.tta) if self.tta else self.backend(floats)
-            )
+            if self.slicing is not None:
+                results = []
+                for im in floats:
+                    self.slicing.check(*im.shape[-2:])
+                    results.append(
+                        sliced_output(
+                            self.backend,
+                            im,
+                            self.slicing,
+                            self.mask_threshold,
+                            self.score_threshold,
+                        )
+                    )
+            elif self.tta:
+                results = tta_predict(self.backend, floats, self.tta)
+            else:
+                results = self.backend(floats)
             for index, out in zip(indices, results):
                 outputs[index] = out
         return [self._result(out, im) for out, im in zip(outputs, uint8)]

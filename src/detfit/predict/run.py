@@ -1,5 +1,6 @@
 """``detfit predict``: stream inputs through a Predictor in batches and write overlays, one JSON
-per image, annotated videos with JSON lines, and optionally the whole set as COCO results."""
+per image, annotated videos with JSON lines (with ``track``: a ``track_id`` per detection), and
+optionally the whole set as COCO results."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from detfit.fileio import atomic_write, atomic_write_text
 from detfit.predict.inputs import Item, expand
 from detfit.predict.overlay import draw_prediction
 from detfit.predict.predictor import DEFAULT_SCORE_THRESHOLD, Prediction, Predictor
+from detfit.predict.slicing import SliceTooLarge, Slicing
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Summary:
     frames: int = 0
     written: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    tracks: dict[str, dict[str, int]] = field(default_factory=dict)  # video -> class -> tracks
 
 
 def default_out(root: Path = Path("runs")) -> Path:
@@ -39,14 +42,24 @@ def default_out(root: Path = Path("runs")) -> Path:
     return root / f"predict-{n}"
 
 
-def overlay(image: torch.Tensor, p: Prediction) -> torch.Tensor:
+def overlay(
+    image: torch.Tensor, p: Prediction, track_ids: list[int | None] | None = None
+) -> torch.Tensor:
     return draw_prediction(
-        image, p.boxes, p.labels.tolist(), p.scores.tolist(), p.class_names, p.masks, p.keypoints
+        image,
+        p.boxes,
+        p.labels.tolist(),
+        p.scores.tolist(),
+        p.class_names,
+        p.masks,
+        p.keypoints,
+        track_ids,
     )
 
 
-def record(p: Prediction) -> list[dict[str, Any]]:
-    """JSON-ready detections: class, source category id, score, xyxy box, mask as COCO RLE."""
+def record(p: Prediction, track_ids: list[int | None] | None = None) -> list[dict[str, Any]]:
+    """JSON-ready detections: class, source category id, score, xyxy box, mask as COCO RLE,
+    and with ``track_ids`` the track's id (null: not part of a track yet)."""
     rles = encode_masks(p.masks) if p.masks is not None and len(p) else []
     out = []
     for k in range(len(p)):
@@ -57,6 +70,8 @@ def record(p: Prediction) -> list[dict[str, Any]]:
             "score": float(p.scores[k]),
             "box_xyxy": [round(v, 2) for v in p.boxes[k].tolist()],
         }
+        if track_ids is not None:
+            det["track_id"] = track_ids[k]
         if rles:
             det["mask_rle"] = rles[k]
         if p.keypoints is not None:
@@ -249,14 +264,26 @@ def predict_inputs(
     log: Callable[[str], None] = print,
     tta: bool = False,
     precision: str | None = None,
+    slicing: Slicing | None = None,
+    track: bool = False,
 ) -> Summary:
     """Predict every image and video; see the module docstring for what is written. Nothing the
     user gave is overwritten, nor earlier outputs unless ``overwrite``. ``precision``: fp32, bf16
-    or fp16 for a checkpoint (see Predictor)."""
+    or fp16 for a checkpoint (see Predictor); ``slicing``: predict on tiles
+    (:mod:`detfit.predict.slicing`); ``track``: follow the objects of each video (videos only)."""
     if batch_size < 1:
         raise DetfitError(f"--batch-size {batch_size}: must be at least 1")
     if not 0 <= score_threshold <= 1:  # NaN too
         raise DetfitError(f"--score-threshold {score_threshold}: must be between 0 and 1")
+    if track:
+        from detfit.predict.tracking import bytetrack_class
+
+        bytetrack_class()  # before any work: names the extra when it is missing
+        stills = [i for i in expand(inputs, []) if not i.video]
+        if stills:
+            raise DetfitError(
+                f"{stills[0].path}: --track follows objects through videos; this is a still image"
+            )
     out = Path(out_dir) if out_dir else default_out()
     coco_path = Path(coco_json) if coco_json else None
     summary = Summary()
@@ -273,6 +300,7 @@ def predict_inputs(
             classes=classes,
             tta=tta,
             precision=precision,
+            slicing=slicing,
         )
     )
     remove_stale_partials(out)
@@ -305,6 +333,8 @@ def predict_inputs(
         batch.clear()
 
     for item, image in _decoded(iter(images), summary, log):
+        if predictor.slicing is not None:
+            predictor.slicing.check(*image.shape[-2:], str(item.path))
         batch.append((item, image))
         if len(batch) == batch_size:
             flush()
@@ -315,8 +345,10 @@ def predict_inputs(
     for item in (i for i in items if i.video):
         try:
             summary.frames += _predict_video(
-                predictor, item, out, batch_size, summary, progress, log
+                predictor, item, out, batch_size, summary, progress, log, track
             )
+        except SliceTooLarge:
+            raise
         except DetfitError as exc:
             summary.problems.append(str(exc))
             log(f"detfit: skipped: {exc}")
@@ -347,11 +379,15 @@ def _predict_video(
     summary: Summary,
     progress: bool,
     log: Callable[[str], None] = print,
+    track: bool = False,
 ) -> int:
-    """Annotated <name>.mp4 and <name>.jsonl (one line per frame), both renamed into place."""
+    """Annotated <name>.mp4 and <name>.jsonl (one line per frame), both renamed into place;
+    with ``track`` the detections carry track ids and ``summary.tracks`` counts the tracks."""
+    from detfit.predict.tracking import VideoTracker
     from detfit.predict.video import VideoReader, VideoWriter
 
     reader = VideoReader(item.path)
+    tracker = VideoTracker(reader.rate, predictor.score_threshold) if track else None
     video, lines = out / f"{item.name}.mp4", out / f"{item.name}.jsonl"
     partial = video.with_name(f".{video.name}.partial.mp4")
     writer = None
@@ -372,13 +408,14 @@ def _predict_video(
             for frame, p in zip(frames, predictor.predict(frames)):
                 if writer is None:
                     writer = VideoWriter(partial, reader.rate, p.width, p.height)
-                writer.write(overlay(frame, p))
+                ids = tracker.update(p) if tracker is not None else None
+                writer.write(overlay(frame, p, ids))
                 jsonl.append(
                     json.dumps(
                         {
                             "frame": count,
                             "time_s": float(count / reader.rate),
-                            "detections": record(p),
+                            "detections": record(p, ids),
                         }
                     )
                 )
@@ -387,6 +424,8 @@ def _predict_video(
             frames.clear()
 
         for frame in reader:
+            if count == 0 and not frames and predictor.slicing is not None:
+                predictor.slicing.check(*frame.shape[-2:], str(item.path))
             frames.append(frame)
             if len(frames) == batch_size:
                 flush()
@@ -404,6 +443,8 @@ def _predict_video(
         partial.unlink(missing_ok=True)
     atomic_write_text(lines, "\n".join(jsonl) + "\n")
     summary.written += [video, lines]
+    if tracker is not None:
+        summary.tracks[str(item.path)] = tracker.counts()
     if reader.frames and count < reader.frames:
         log(
             f"detfit: warning: {item.path}: its header says {reader.frames} frames, only {count} "
