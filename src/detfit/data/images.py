@@ -95,7 +95,12 @@ def load_rgb(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.T
     if not path.is_file():
         raise DetfitError(f"{path}: image not found")
     if max_pixels is not None:
-        header = read_header(path)
+        try:
+            header = read_header(path)
+        except DetfitError as exc:  # a file that is no image: the same line as a failed decode
+            raise DetfitError(
+                str(exc).replace(": unreadable image (", ": cannot decode image (", 1)
+            ) from None
         check_pixels(path, header.width, header.height, max_pixels)
     try:
         if path.suffix.lower() in TORCHVISION_SUFFIXES:
