@@ -402,6 +402,11 @@ def data_check(
         annotations = spec.read(split, classes)
         classes = classes or annotations.classes
         typer.echo(f"[{split}] " + "\n".join(summary(annotations)))
+        if split == "train":
+            from detfit.data.adapt import recipe_report
+
+            for line in recipe_report(annotations):
+                typer.echo(f"  {line}")
         problems = check(
             annotations,
             images,
