@@ -683,7 +683,9 @@ class Trainer:
         if ckpt.get("evaluated", True) and budget.measured and ckpt["history"]:
             # a new budget or cap on resume: plan from the last epoch's cost
             cost = budget.seconds_per_iter * self.iters_per_epoch + budget.eval_seconds
-            budget.plan(float(ckpt.get("seconds", 0.0)), len(ckpt["history"]), 0.0, cost)
+            why = budget.plan(float(ckpt.get("seconds", 0.0)), len(ckpt["history"]), 0.0, cost)
+            self.log(f"time budget {cfg.time_budget}: planned {budget.planned} epochs ({why})")
+            self._planned = True
         return budget
 
     def _out_of_time(self, last_step: float) -> bool:
