@@ -18,7 +18,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from recipe_sweep import variant_config  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["cpu_recipe.yaml", "cpu_recipe_round2.yaml"])
+@pytest.mark.parametrize(
+    "name", ["cpu_recipe.yaml", "cpu_recipe_round2.yaml", "accuracy_methods.yaml"]
+)
 def test_committed_sweeps_are_valid_configs(name):
     spec = yaml.safe_load((REPO / "benchmarks" / "sweeps" / name).read_text())
     assert spec["recipe"] == "cpu" and len(spec["variants"]) >= 9

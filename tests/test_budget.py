@@ -126,6 +126,18 @@ def test_a_budget_for_two_epochs_plans_two_and_ends_inside_it(root, tmp_path, cl
     assert load_checkpoint(run)["budget"]["planned"] == 2
     with pytest.raises(DetfitError, match="has already trained 2 epoch"):
         Trainer(resume=run).fit()
+    # a larger budget on resume: 14 s spent, 26 s left, 6 s an epoch (x 1.1): 3 more
+    clock.now = 0.0
+    logs = []
+    trainer = Trainer(
+        resume=run, overrides={"time_budget": "40s"}, progress=False, log=logs.append,
+        callbacks=[Steps(clock)],
+    )  # fmt: skip
+    trainer.clock = clock
+    trainer.fit()
+    assert "time budget 40s: planned 5 epochs (26 s left, 6 s per epoch)" in logs
+    history = json.loads((run / "metrics.json").read_text())
+    assert len(history) == 5 and history[-1]["minutes"] * 60 == pytest.approx(32, abs=0.05)
 
 
 def test_a_slowed_epoch_still_stops_in_time_with_an_evaluated_best(root, tmp_path, clock):

@@ -626,6 +626,11 @@ def data_check(
         if split is not None and name != split:
             continue
         typer.echo(f"[{name}] " + "\n".join(summary(annotations)))
+        if name == "train":
+            from detfit.data.adapt import recipe_report
+
+            for line in recipe_report(annotations):
+                typer.echo(f"  {line}")
         problems = check(
             annotations,
             not annotations_only,

@@ -24,6 +24,7 @@ from detfit.data import (
     train_transforms,
     validate,
 )
+from detfit.data.adapt import DataSizes, data_sizes
 from detfit.data.copy_paste import CopyPaste
 from detfit.data.formats.masks import read_mask_folder
 from detfit.data.sampling import EpochBatches, PerItemSeed, ShardBatches
@@ -40,6 +41,7 @@ class Datasets:
     keypoint_names: list[str] | None = None
     held_out: str = "split"  # where ``test`` comes from: "val", "test", "split" (seeded), "all"
     max_objects: int = 0  # the most objects in one training image (detection caps adapt to it)
+    sizes: DataSizes | None = None  # the training set's image and object sizes (adapt.py)
 
 
 def held_out_count(n: int, cfg: TrainConfig, what: str, log: Callable[[str], None]) -> int:
@@ -81,7 +83,8 @@ def build_datasets(
             return Datasets(train_full, test_full, classes, max_objects=most, held_out="all")
         num_test = held_out_count(len(train_full), cfg, str(root), log)
         train, test = split_dataset(train_full, test_full, num_test, cfg.split_seed)
-        return Datasets(with_copy_paste(cfg, train, True), test, classes, max_objects=most)
+        train = with_copy_paste(cfg, train, True)
+        return Datasets(train, test, classes, max_objects=most, sizes=data_sizes(records))
 
     train_set = spec.read("train")
     order = ("val", "test") if held_out == "val" else ("test", "val")
@@ -112,6 +115,7 @@ def build_datasets(
         train_set.keypoint_names,
         source,
         most_objects(train_set),
+        data_sizes(train_set),
     )
 
 

@@ -26,6 +26,7 @@ import torch
 
 from detfit import distributed
 from detfit.config import RECIPES, SPEED_UPS_OFF, TrainConfig
+from detfit.data.adapt import adapt_options
 from detfit.data.spec import absolute_spec
 from detfit.engine.budget import (
     PROBE_EVAL_BATCHES,
@@ -200,6 +201,21 @@ def best_metric_key(cfg: TrainConfig) -> str:
     if key.split("_")[0] not in scored:
         raise DetfitError(f"best_metric={key}: {cfg.model} is scored on {', '.join(scored)} only")
     return key
+
+
+def adapt_to_data(cfg: TrainConfig, data: Datasets, log: Callable[[str], None] = print) -> None:
+    """Model options chosen from the training set's sizes (:mod:`detfit.data.adapt`), one line
+    each, written into ``cfg`` so that config.yaml records them; the user's own values stay."""
+    if data.sizes is None:
+        return
+    recipe = RECIPES.get(cfg.recipe, {}).get("model_options", {})
+    choices = adapt_options(
+        dict(cfg.model_options), recipe, data.sizes, not cfg.model.startswith("ssd")
+    )
+    for choice in choices:
+        log(f"adapted to the data: {choice.line()}")
+    if choices:
+        cfg.model_options = {**cfg.model_options, **{c.key: c.value for c in choices}}
 
 
 def loss_weights_for(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, float]:
@@ -603,6 +619,7 @@ class Trainer:
             weights = ckpt.get("train_model") or ckpt["model"]
             model = rebuild_model(ckpt["model_info"], weights, f"{self.run_dir}/last.pt")
             return model, ckpt["model_info"]
+        adapt_to_data(cfg, self.data, self.log)
         options = options_for_data(cfg, self.data, self.log)
         model = build_model(
             cfg.model,
@@ -806,7 +823,9 @@ class Trainer:
         if ckpt.get("evaluated", True) and budget.measured and ckpt["history"]:
             # a new budget or cap on resume: plan from the last epoch's cost
             cost = budget.seconds_per_iter * self.iters_per_epoch + budget.eval_seconds
-            budget.plan(float(ckpt.get("seconds", 0.0)), len(ckpt["history"]), 0.0, cost)
+            why = budget.plan(float(ckpt.get("seconds", 0.0)), len(ckpt["history"]), 0.0, cost)
+            self.log(f"time budget {cfg.time_budget}: planned {budget.planned} epochs ({why})")
+            self._planned = True
         return budget
 
     def _out_of_time(self, last_step: float) -> bool:
