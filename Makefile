@@ -18,13 +18,15 @@ install: $(VENV)/.installed
 train: install
 	$(VENV)/bin/detfit train $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(ARGS)
 
-## The whole test suite (real-data tests run when ../shared/data/PennFudanPed exists)
+## The whole test suite (real-data tests run when ../shared/data/PennFudanPed exists), in two
+## worker processes (each test file in one of them), since every test runs torch on one thread
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 ## Everything but the slow real-data tests
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
