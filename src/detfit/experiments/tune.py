@@ -417,6 +417,7 @@ def trial_rows(study: Any, search: Search) -> list[dict[str, Any]]:
             + (f" ({attrs['stopped']})" if attrs.get("stopped") == "time" else ""),
             "best": None if value is None else round(value, 4),
             "epoch": attrs.get("best_epoch", len(trial.intermediate_values) or None),
+            "epochs": len(trial.intermediate_values),  # trained (scored): fewer when pruned
             "minutes": attrs.get("minutes"),
         }
         params = {
