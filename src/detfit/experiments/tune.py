@@ -16,6 +16,7 @@ studies/<name>/  study.yaml  study.db  trials/trial-0000/ ...  trials.csv  best.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -91,8 +92,10 @@ def open_storage(url: str) -> Any:
 def make_pruner(name: str) -> Any:
     optuna = optuna_module()
     if name == "median":
-        # two finished trials before any is pruned; never before the first epoch is scored
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        # two finished trials before any is pruned, and none after its first epoch alone: the
+        # best of a search was pruned there once, a slow starter (BENCHMARKS.md, tune_pruning)
+        # (optuna's steps here are epochs counted from 1: step 1 is warm-up)
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
@@ -258,7 +261,7 @@ def run_trial(
     say = lambda line: log(f"trial {trial.number}: {line}")  # noqa: E731
     start = time.perf_counter()
     try:
-        Trainer(cfg, callbacks=[reporter], overwrite=True, progress=False, log=say).fit()
+        Trainer(cfg, callbacks=[reporter], progress=False, log=say).fit()
     except DetfitError:
         raise  # the user's to fix (data, stop request): the study stops with its one line
     except Exception as exc:  # this trial's own failure (out of memory, ...): the study goes on
@@ -329,7 +332,9 @@ def _die_with_parent() -> None:
         import ctypes
         import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        # without glibc the worker outlives a killed parent; its trial is then failed by pid
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def tune(
@@ -412,6 +417,7 @@ def trial_rows(study: Any, search: Search) -> list[dict[str, Any]]:
             + (f" ({attrs['stopped']})" if attrs.get("stopped") == "time" else ""),
             "best": None if value is None else round(value, 4),
             "epoch": attrs.get("best_epoch", len(trial.intermediate_values) or None),
+            "epochs": len(trial.intermediate_values),  # trained (scored): fewer when pruned
             "minutes": attrs.get("minutes"),
         }
         params = {
@@ -447,26 +453,35 @@ def write_best(study_dir: Path, search: Search, study: Any) -> Path | None:
     return path
 
 
-def write_pictures(study_dir: Path, study: Any, log: Callable[[str], None]) -> list[Path]:
-    """Optuna's own matplotlib pictures of the study; one it cannot draw yet (importances need
-    two complete trials) is one line, not an error."""
+def write_pictures(
+    study_dir: Path, study: Any, metric: str, log: Callable[[str], None]
+) -> list[Path]:
+    """Optuna's own matplotlib pictures of the study, with ``metric`` named where optuna says
+    "Objective Value"; one it cannot draw yet (importances need two complete trials) is one
+    line, not an error."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
+    from matplotlib.ticker import MaxNLocator
 
     from detfit.fileio import atomic_write
 
     written = []
     for name, function in PICTURES.items():
+        named = {} if function == "plot_intermediate_values" else {"target_name": metric}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "experimental" and empty-study warnings
             try:
-                axes = getattr(vis, function)(study)
+                axes = getattr(vis, function)(study, **named)
             except (ValueError, RuntimeError, ZeroDivisionError) as exc:
                 log(f"{name}: not drawn yet ({exc})")
                 continue
+        if function == "plot_intermediate_values":  # optuna's "step" is detfit's epoch
+            axes.set_xlabel("epoch")
+            axes.set_ylabel(f"best {metric} so far")
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
         figure.set_size_inches(9, 5.5)
         figure.tight_layout()
@@ -483,7 +498,10 @@ def write_report(study_dir: Path, search: Search, study: Any, log: Callable[[str
     rows = trial_rows(study, search)
     atomic_write_text(study_dir / "trials.csv", format_csv(rows) if rows else "")
     log(format_table([{k: v for k, v in r.items() if k != "run"} for r in rows]))
-    write_pictures(study_dir, study, log)
+    metric = search.metric or next(
+        (t.user_attrs["metric"] for t in study.trials if "metric" in t.user_attrs), "metric"
+    )
+    write_pictures(study_dir, study, metric, log)
     best = write_best(study_dir, search, study)
     if best is None:
         log(f"no complete trial yet: {study_dir}/trials.csv lists them")
