@@ -43,7 +43,7 @@ def ap_lines(stdout: str) -> dict[str, dict[str, float]]:
 def test_int8_refused_when_ap_drops_too_far_leaves_no_file(checkpoint, monkeypatch, capsys):
     out = checkpoint.parent / "refused.onnx"
     code, stdout, err = run_main(
-        monkeypatch, capsys, "export", checkpoint, "--quantize", "int8", "--out", out,
+        monkeypatch, capsys, "export", checkpoint, "--quantize", "int8", "--file", out,
         "--max-ap-drop", "-1",  # any int8 model drops by more than -1: always refused
     )  # fmt: skip
     assert code == 2, err
@@ -62,7 +62,7 @@ def test_int8_export_quantizes_the_feature_layers_and_predicts(
     out = tmp_path / "model.int8.onnx"
     calibration = write_images(tmp_path / "calibration", [(60, 80), (90, 70), (64, 64)])
     code, stdout, err = run_main(
-        monkeypatch, capsys, "export", checkpoint, "--quantize", "int8", "--out", out,
+        monkeypatch, capsys, "export", checkpoint, "--quantize", "int8", "--file", out,
         "--calibration-images", tmp_path / "calibration", "--max-ap-drop", "1",
     )  # fmt: skip
     assert code in (None, 0), err

@@ -73,7 +73,7 @@ def colour_model(monkeypatch, tmp_path) -> Path:
     detector = ColourDetector()
     info = {"name": "colour", "classes": CLASSES, "num_classes": 3}
 
-    def load(path, device="auto", threads=None):
+    def load(path, device="auto", threads=None, precision=None):
         return Backend(Path(path), "checkpoint", info, runner=detector)
 
     monkeypatch.setattr("detfit.predict.predictor.load_backend", load)

@@ -97,7 +97,7 @@ def test_best_yaml_is_the_best_trials_config(study):
     cfg = TrainConfig.from_dict(merge_settings(load_settings(study_dir / "best.yaml"), {}))
     trial_cfg = TrainConfig.load(study_dir / "trials" / f"trial-{best.number:04d}" / "config.yaml")
     assert cfg.out is None and cfg.lr == best.params["lr"]
-    ignored = {"out", "threads", "world_size", "global_batch_size"}
+    ignored = {"out", "run_id", "threads", "world_size", "global_batch_size"}  # the run says these
     assert {k: v for k, v in cfg.to_dict().items() if k not in ignored} == {
         k: v for k, v in trial_cfg.to_dict().items() if k not in ignored
     }

@@ -636,7 +636,7 @@ def data_check(
             not annotations_only,
             lambda it, total: tqdm(it, total=total, desc="checking", leave=False),
             decode=not quick,
-            train=split == "train",
+            train=name == "train",
         )
         for problem in problems:
             typer.echo(f"  {problem}")
