@@ -3,11 +3,11 @@ in which it keeps its track id, and the id switches, with ``detfit predict VIDEO
 
     python benchmarks/tracking.py --work /tmp/sliced --threads 2
 
-The video (``--frames`` frames of 480 x 320 px at 10 fps) shows ``--objects`` objects of the
-synthetic generator's classes (24-40 px) moving in straight lines and bouncing off the edges;
-pairs start on the same row moving towards each other, so they cross (the later one drawn in
-front). The model is the one ``sliced_inference.py`` trains on the same kind of objects (in
-``WORK/run``; trained here when missing).
+The video (``--frames`` frames of 320 x 320 px at 10 fps, the size the model was trained at)
+shows ``--objects`` objects of the synthetic generator's classes (24-40 px) moving in straight
+lines and bouncing off the edges; pairs start on the same row moving towards each other, so they
+cross (the later one drawn in front). The model is the one ``sliced_inference.py`` trains on the
+same kind of objects (in ``WORK/run``; trained here when missing).
 
 Each frame's ground-truth boxes are matched to the detections one to one (Hungarian, IoU >= 0.5).
 For an object: *kept* is the share of the frames it is in where it is matched to a detection
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-HEIGHT, WIDTH, RATE = 320, 480, 10
+HEIGHT, WIDTH, RATE = 320, 320, 10  # the size the model was trained at
 
 
 def paths(objects: int, frames: int, seed: int = 0) -> tuple[list[int], np.ndarray]:
