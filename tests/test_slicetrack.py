@@ -310,15 +310,18 @@ def test_prediction_counts_per_class_from_tracks():
 
     tracker = VideoTracker(10, 0.5)
     for i in range(4):
-        p = Prediction(
-            boxes=torch.tensor([[10.0 + i, 10, 30 + i, 40], [60, 10, 80, 40]]),
-            labels=torch.tensor([1, 2]),
-            scores=torch.tensor([0.9, 0.9]),
-            class_names=["cat", "dog"] if i != 2 else ["dog", "dog"],  # one hesitant frame
-            category_ids=[1, 2],
+        p = Prediction(  # the cat also comes out as a dog, with nearly the same box
+            boxes=torch.tensor(
+                [[10.0 + i, 10, 30 + i, 40], [60, 10, 80, 40], [11.0 + i, 10, 30 + i, 40]]
+            ),
+            labels=torch.tensor([1, 2, 2]),
+            scores=torch.tensor([0.9, 0.9, 0.6]),
+            class_names=["cat", "dog", "dog"] if i != 2 else ["dog", "dog", "dog"],  # hesitant
+            category_ids=[1, 2, 2],
         )
         ids = tracker.update(p)
-    assert ids[0] is not None and ids[0] != ids[1]
+    assert ids[0] is not None and ids[1] is not None and ids[0] != ids[1]
+    assert ids[2] is None  # the duplicate is not a third track
     assert tracker.counts() == {"cat": 1, "dog": 1}
 
 
