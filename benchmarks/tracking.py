@@ -3,13 +3,14 @@ in which it keeps its track id, and the id switches, with ``detfit predict VIDEO
 
     python benchmarks/tracking.py --work /tmp/sliced --threads 2
 
-The video (``--frames`` frames of 480 x 320 px at 10 fps) shows ``--objects`` objects of the
-synthetic generator's classes (24-40 px) moving in straight lines and bouncing off the edges;
-pairs start on the same row moving towards each other, so they cross (the later one drawn in
-front). The model is the one ``sliced_inference.py`` trains on the same kind of objects (in
-``WORK/run``; trained here when missing).
+The video (``--frames`` frames of 320 x 320 px at 10 fps, the size the model was trained at)
+shows ``--objects`` objects of the synthetic generator's classes (24-40 px) moving in straight
+lines and bouncing off the edges; pairs start on the same row moving towards each other, so they
+cross (the later one drawn in front). The model is the one ``sliced_inference.py`` trains on the
+same kind of objects (in ``WORK/run``; trained here when missing).
 
-Each frame's ground-truth boxes are matched to the detections one to one (Hungarian, IoU >= 0.5).
+Each frame's ground-truth boxes are matched one to one (Hungarian, IoU >= 0.5) to the tracker's
+output: the detections that carry a track id.
 For an object: *kept* is the share of the frames it is in where it is matched to a detection
 carrying its main track id (the one it has most often); a *switch* is a change of track id
 between two of its matched, tracked frames. The same is measured with the ground-truth boxes fed
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-HEIGHT, WIDTH, RATE = 320, 480, 10
+HEIGHT, WIDTH, RATE = 320, 320, 10  # the size the model was trained at
 
 
 def paths(objects: int, frames: int, seed: int = 0) -> tuple[list[int], np.ndarray]:
@@ -96,7 +97,8 @@ def id_figures(boxes: np.ndarray, frames: list[tuple[np.ndarray, list]]) -> dict
     objects = boxes.shape[1]
     ids: list[list] = [[] for _ in range(objects)]
     for truth, (found, tracks) in zip(boxes, frames):
-        matched = match(truth, found)
+        tracked = [k for k, t in enumerate(tracks) if t is not None]  # the tracker's output
+        matched = {g: tracked[d] for g, d in match(truth, found[tracked]).items()}
         for k in range(objects):
             ids[k].append(tracks[matched[k]] if k in matched else None)
     kept, switches = [], []
@@ -114,6 +116,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="Default: WORK/run/best.pt.")
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--objects", type=int, default=6)
+    parser.add_argument(
+        "--score-threshold", type=float, default=0.3, help="predict's --score-threshold."
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -142,7 +147,14 @@ def main() -> None:
     write_video(video, labels, boxes)
     out = args.work / "tracked"
     summary = predict_inputs(
-        checkpoint, [video], out, device="cpu", track=True, progress=False, log=print
+        checkpoint,
+        [video],
+        out,
+        device="cpu",
+        track=True,
+        score_threshold=args.score_threshold,
+        progress=False,
+        log=print,
     )
     lines = [json.loads(line) for line in (out / "paths.jsonl").read_text().splitlines()]
     detected = [

@@ -310,15 +310,18 @@ def test_prediction_counts_per_class_from_tracks():
 
     tracker = VideoTracker(10, 0.5)
     for i in range(4):
-        p = Prediction(
-            boxes=torch.tensor([[10.0 + i, 10, 30 + i, 40], [60, 10, 80, 40]]),
-            labels=torch.tensor([1, 2]),
-            scores=torch.tensor([0.9, 0.9]),
-            class_names=["cat", "dog"] if i != 2 else ["dog", "dog"],  # one hesitant frame
-            category_ids=[1, 2],
+        p = Prediction(  # the cat also comes out as a dog, with nearly the same box
+            boxes=torch.tensor(
+                [[10.0 + i, 10, 30 + i, 40], [60, 10, 80, 40], [11.0 + i, 10, 30 + i, 40]]
+            ),
+            labels=torch.tensor([1, 2, 2]),
+            scores=torch.tensor([0.9, 0.9, 0.6]),
+            class_names=["cat", "dog", "dog"] if i != 2 else ["dog", "dog", "dog"],  # hesitant
+            category_ids=[1, 2, 2],
         )
         ids = tracker.update(p)
-    assert ids[0] is not None and ids[0] != ids[1]
+    assert ids[0] is not None and ids[1] is not None and ids[0] != ids[1]
+    assert ids[2] is None  # the duplicate is not a third track
     assert tracker.counts() == {"cat": 1, "dog": 1}
 
 
@@ -409,3 +412,31 @@ def test_eval_slice_scores_what_predict_slice_writes(tmp_path, monkeypatch, caps
         assert expected[iou_type]["AP"] > 0.3
         assert evaluator.stats[0] == pytest.approx(expected[iou_type]["AP"], abs=1e-6)
         assert evaluator.stats[1] == pytest.approx(expected[iou_type]["AP50"], abs=1e-6)
+
+
+def test_scattered_small_objects_are_where_their_annotations_say(tmp_path):
+    """The benchmark's data: objects inside the image, apart, painted where annotated."""
+    from pycocotools.coco import COCO
+
+    from detfit.data.synthetic import COCO_CATEGORY_IDS, write_scattered_coco
+
+    path = write_scattered_coco(tmp_path, 2, (200, 300), 12, object_size=(16, 24), seed=3)
+    coco = COCO(str(path))
+    assert len(coco.getImgIds()) == 2 and 16 <= len(coco.getAnnIds()) <= 24
+    for image_id in coco.getImgIds():
+        info = coco.loadImgs(image_id)[0]
+        pixels = np.asarray(Image.open(tmp_path / "images" / info["file_name"]))
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        painted = np.zeros(pixels.shape[:2], bool)
+        for ann in anns:
+            x, y, w, h = ann["bbox"]
+            assert 0 <= x <= 300 - w and 0 <= y <= 200 - h and 16 <= w <= 24
+            label = COCO_CATEGORY_IDS.index(ann["category_id"]) + 1
+            mask = coco.annToMask(ann).astype(bool)
+            assert not (painted & mask).any()  # never overlapping
+            painted |= mask
+            red, green = pixels[mask][:, 0], pixels[mask][:, 1]
+            assert (red == 60 + 60 * label).mean() > 0.9 and (
+                green == 255 - 50 * label
+            ).mean() > 0.9
+        assert pixels[~painted].max() < 80  # the rest is the noise background

@@ -2,14 +2,16 @@
 whole image), map the detections back to image coordinates and merge the duplicates, so that
 objects a few pixels wide after the model's resize are still found.
 
-Written on ``torchvision.ops`` rather than taken from sahi or supervision's ``InferenceSlicer``:
+Written on ``torchvision.ops`` rather than taken from sahi (0.12) or supervision's
+``InferenceSlicer`` (0.31):
 
-- sahi's torchvision wrapper returns its own ``ObjectPrediction`` objects (no keypoints, masks as
-  polygons or per-object crops), needs the model as a torch module (not detfit's ONNX and
-  TorchScript files) and pulls in OpenCV, Shapely, pybboxes, fire and terminaltables;
-- ``InferenceSlicer`` calls its callback one tile at a time (no batching of tiles), speaks
-  ``sv.Detections`` (no keypoints), and clips the last tile at the image edge, so edge tiles are
-  smaller than the others and the model sees them at another scale.
+- sahi's torchvision wrapper returns its own ``ObjectPrediction`` objects rather than torchvision's
+  dict (no keypoints), wraps a torch module (not detfit's ONNX and TorchScript files), and pulls
+  in OpenCV, Shapely, matplotlib, click and fire;
+- ``InferenceSlicer`` (which does batch tiles, in threads) speaks numpy images and
+  ``sv.Detections`` (no keypoints, so a conversion each way per tile), has no whole-image pass,
+  merges detections of one tile with each other too, and with no overlap clips the edge tiles
+  (smaller than the others, so seen at another scale).
 
 Here every tile has the same size (the last one of a row or column is moved back inside the image),
 tiles go through the model in batches, through any runner (an eager module, a Backend of any model

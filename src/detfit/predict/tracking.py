@@ -4,6 +4,10 @@ id of the track it continues.
 
 The tracker matches boxes, whatever their class, so a detector that hesitates between two classes
 for one object does not cut its track; a track's class is the one it was detected as most often.
+The model's NMS is per class, so one object can come out twice, under two classes, with nearly
+the same box: two tracks would then follow it and take turns. Before tracking, such duplicates
+(IoU >= ``DUPLICATE_IOU``, any class) are reduced to the best-scoring one (torchvision's
+``nms``); the others stay in the output, with no id.
 A detection is given an id once its track has been seen on two frames in a row (the library's
 default): a one-frame false detection never becomes a track, and is written with no id.
 """
@@ -14,11 +18,13 @@ from collections import Counter
 from fractions import Fraction
 
 import numpy as np
+from torchvision.ops import nms
 
 from detfit.errors import DetfitError
 from detfit.predict.predictor import Prediction
 
 INSTALL_HINT = "pip install 'detfit[track]'"
+DUPLICATE_IOU = 0.7  # one object detected under two classes
 
 
 def bytetrack_class() -> type:
@@ -52,11 +58,12 @@ class VideoTracker:
 
     def update(self, p: Prediction) -> list[int | None]:
         """Track ids of ``p``'s detections (None: not, or not yet, part of a track)."""
+        unique = nms(p.boxes.float(), p.scores.float(), DUPLICATE_IOU).numpy()
         detections = self._sv.Detections(
-            xyxy=p.boxes.numpy().astype(np.float32).reshape(-1, 4),
-            confidence=p.scores.numpy().astype(np.float32),
-            class_id=p.labels.numpy().astype(int),
-            data={"index": np.arange(len(p))},
+            xyxy=p.boxes.numpy().astype(np.float32).reshape(-1, 4)[unique],
+            confidence=p.scores.numpy().astype(np.float32)[unique],
+            class_id=p.labels.numpy().astype(int)[unique],
+            data={"index": unique},
         )
         tracked = self.tracker.update(detections)
         ids: list[int | None] = [None] * len(p)
