@@ -403,9 +403,10 @@ def test_eval_slice_scores_what_predict_slice_writes(tmp_path, monkeypatch, caps
     )  # fmt: skip
     assert code in (None, 0), err
     gt = COCO(str(sub))
-    dt = gt.loadRes(str(results))
+    # boxes in results.json, masks (without bbox) in results.segm.json
+    files = {"bbox": results, "segm": results.with_name("results.segm.json")}
     for iou_type in ("bbox", "segm"):
-        evaluator = COCOeval(gt, dt, iou_type)
+        evaluator = COCOeval(gt, gt.loadRes(str(files[iou_type])), iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
