@@ -82,6 +82,11 @@ def ws(tmp_path_factory) -> Path:
     bad_bbox = json.loads(json.dumps(coco))
     bad_bbox["annotations"][0]["bbox"] = [1, 2, "wide", 4]
     coco_variant("bad_bbox.json", bad_bbox)
+    short_rle = json.loads(json.dumps(coco))
+    first_image = short_rle["images"][0]
+    size = [first_image["height"], first_image["width"]]
+    short_rle["annotations"][0]["segmentation"] = {"size": size, "counts": [5, 5]}
+    coco_variant("short_rle.json", short_rle)
     truncated = json.loads(json.dumps(coco))
     first = truncated["images"][0]
     Image.open(images_dir / first["file_name"]).convert("RGB").save(images_dir / "cut.jpg")
@@ -228,6 +233,10 @@ DATA_CASES = {
     "coco bbox not numbers": (
         ["--data", "coco:demo/coco/bad_bbox.json"],
         ["bad_bbox.json", "bbox"],
+    ),
+    "coco rle that does not cover its image": (
+        ["--data", "coco:demo/coco/short_rle.json"],
+        ["short_rle.json", "segmentation=", "counts cover 10 pixels"],
     ),
     "coco truncated jpeg": (["--data", "coco:demo/coco/truncated.json"], ["cut.jpg", "truncated"]),
     "voc broken xml": (["--data", "voc:voc_broken"], ["voc_broken/Annotations/", "cannot read"]),
