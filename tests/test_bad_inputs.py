@@ -484,9 +484,13 @@ def onnx_file(path: Path, metadata: str | None, outputs=("boxes", "labels", "sco
 
 
 def torchscript_file(path: Path, metadata: str) -> None:
-    torch.jit.save(
-        torch.jit.script(torch.nn.Identity()), path, _extra_files={"detfit.json": metadata}
-    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
+        torch.jit.save(
+            torch.jit.script(torch.nn.Identity()), path, _extra_files={"detfit.json": metadata}
+        )
 
 
 GOOD_INFO = {"name": MODEL, "num_classes": 2, "classes": ["__background__", "person"]}
@@ -689,6 +693,20 @@ MATRIX_CASES = {
         [*TRAIN, "--data", "yolo:yolo_empty/data.yaml"],
         ["yolo_empty", "no usable object to train on"],
     ),
+    "a weights file for a backbone-swap model": (
+        [
+            *TRAIN,
+            "--data-root",
+            "pf",
+            "--model",
+            "fasterrcnn_resnet18_fpn",
+            "--weights",
+            "ckpts/good.pt",
+            "--set",
+            "model_options={}",
+        ],
+        ["--weights ckpts/good.pt: fasterrcnn_resnet18_fpn is detfit's own combination"],
+    ),  # fmt: skip
     "out is a file": (
         [*TRAIN[:3], "settings/typo.yaml", *TRAIN[4:], "--data-root", "pf"],
         ["--out settings/typo.yaml: is a file; give a folder for the run"],
