@@ -519,6 +519,7 @@ def exports(ws) -> Path:
         torchscript_file(folder / f"meta{n}.torchscript.pt", text)
     onnx_file(folder / "not_a_detector.onnx", json.dumps(GOOD_INFO), outputs=("y",))
     onnx_file(folder / "no_metadata.onnx", None)
+    onnx_file(folder / ".model.partial.onnx", json.dumps(GOOD_INFO))  # a killed export's
     (ws / "plots").mkdir()
     for name, text in {
         "word_epoch": "epoch,bbox_AP\nabc,0.1\n",
@@ -568,6 +569,10 @@ MATRIX_CASES = {
     "onnx without metadata": (
         ["predict", "exports/no_metadata.onnx", PHOTOS, "--out", "p"],
         ["no_metadata.onnx", "without detfit metadata"],
+    ),
+    "an interrupted export": (
+        ["predict", "exports/.model.partial.onnx", PHOTOS, "--out", "p"],
+        [".model.partial.onnx: the unfinished file of an export that was stopped"],
     ),
     "eval of an onnx file": (
         ["eval", "exports/meta0.onnx"],

@@ -90,10 +90,18 @@ def model_file(path: str | Path) -> Path:
     return path
 
 
-def load_backend(path: str | Path, device: str = "auto", threads: int | None = None) -> Backend:
+def load_backend(
+    path: str | Path, device: str = "auto", threads: int | None = None, unfinished: bool = False
+) -> Backend:
     """Any model file detfit makes: a checkpoint (.pt or run folder), TorchScript or ONNX.
-    ``threads`` sets ONNX Runtime's intra-op threads (torch's are torch.set_num_threads)."""
+    ``threads`` sets ONNX Runtime's intra-op threads (torch's are torch.set_num_threads).
+    ``unfinished``: the export's own parity check may load its ``.NAME.partial`` file."""
     path = model_file(path)
+    if not unfinished and path.name.startswith(".") and ".partial." in path.name:
+        raise DetfitError(
+            f"{path}: the unfinished file of an export that was stopped (its parity never "
+            "checked); export again"
+        )
     if path.suffix.lower() == ".onnx":
         return _load_onnx(path, device, threads)
     if is_torchscript(path):
