@@ -1,4 +1,6 @@
-"""Fuzz the dataset readers: malformed COCO JSON, VOC XML, YOLO label files and mask images.
+"""Fuzz the dataset readers: malformed COCO JSON, VOC XML, YOLO label files and mask images;
+and the other files users hand detfit: YAML settings (``--config``, ``--set``) and the detfit
+metadata of exported models (ONNX).
 
 The property, for every generated input: reading it, checking it (``detfit data check``'s
 check) and, when the check finds nothing fatal, building every training and evaluation target
@@ -329,12 +331,142 @@ class Case:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- settings and model metadata
+
+SETTING_KEYS = ["epochs", "lr", "batch_size", "model", "model_options", "loss_weights", "workers",
+                "hflip_prob", "max_pixels", "optimizer", "out", "epochz", "1"]  # fmt: skip
+setting_value = st.one_of(
+    anything,
+    st.sampled_from([1, 2, 0.01, "sgd", "adamw", {"min_size": 64}, {"min_size": [60000]}]),
+)
+
+
+@st.composite
+def settings_yaml(draw: st.DrawFn) -> str:
+    """A settings file: mostly a mapping of (often real) keys, sometimes YAML aliases nested
+    until they would expand past any memory, deep brackets, or any text."""
+    kind = draw(st.integers(0, 9))
+    if kind == 0:  # a billion laughs of 2..12 levels, each repeating the one before 2..10 times
+        levels, fan = draw(st.integers(2, 12)), draw(st.integers(2, 10))
+        lines = [f"l0: &l0 [{', '.join(['x'] * fan)}]"]
+        lines += [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * fan)}]" for n in range(1, levels)]
+        return "\n".join(lines) + "\n"
+    if kind == 1:
+        n = draw(st.integers(1, 5000))
+        return "lr: " + draw(st.sampled_from(["[", "{a: "])) * n
+    if kind == 2:
+        return draw(st.text(max_size=60))
+    if kind < 5:  # settings that validate
+        good = {"epochs": 3, "lr": 0.02, "optimizer": "adamw", "model_options": {"min_size": 64}}
+        keys = draw(st.lists(st.sampled_from(list(good)), max_size=4, unique=True))
+        return json.dumps({k: good[k] for k in keys})
+    data = draw(st.dictionaries(st.sampled_from(SETTING_KEYS), setting_value, max_size=4))
+    return json.dumps(data, default=str)  # JSON is YAML
+
+
+def settings_case(folder: Path, text: str, set_item: str) -> str:
+    """Read a settings file and a --set item as the command line does: valid settings, or a
+    SettingsError whose every line is short (values are quoted as excerpts)."""
+    from detfit.config import TrainConfig, load_settings, merge_settings
+
+    path = folder / "settings.yaml"
+    path.write_text(text, errors="surrogateescape")
+    try:
+        TrainConfig.from_dict(merge_settings(load_settings(path), None, [set_item]))
+    except DetfitError as exc:
+        assert all(len(line) < 600 for line in str(exc).splitlines()), str(exc)[:2000]
+        return "error"
+    return "ok"
+
+
+hostile_set = st.tuples(st.sampled_from(SETTING_KEYS + ["model_options.min_size"]), settings_yaml())
+set_item = st.integers(0, 3).flatmap(
+    lambda k: (
+        hostile_set.map(lambda kv: f"{kv[0]}={kv[1]}")
+        if k == 0
+        else st.sampled_from(["epochs=2", "lr=0.01", "model_options.min_size=64", "workers=0"])
+    )
+)
+
+
+def _onnx_with_metadata(path: Path, metadata: str) -> None:
+    """A minimal ONNX detector shape (Identity nodes named boxes/labels/scores) carrying
+    ``metadata``: ONNX Runtime opens it, so detfit reads the metadata as from an export."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [3, None, None])
+    names = ("boxes", "labels", "scores")
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, None, None]) for n in names]
+    nodes = [helper.make_node("Identity", ["images"], [n]) for n in names]
+    graph = helper.make_graph(nodes, "g", [x], outs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"detfit": metadata})
+    onnx.save(model, path)
+
+
+GOOD_METADATA = {
+    "name": "maskrcnn_mobilenet_v2_fpn",
+    "num_classes": 3,
+    "classes": ["__background__", "cat", "dog"],
+    "category_ids": [0, 7, 3],
+}
+model_metadata = st.integers(0, 9).flatmap(
+    lambda k: (
+        anything.map(lambda d: json.dumps(d)) | st.text(max_size=30)
+        if k == 0
+        else st.just(json.dumps(GOOD_METADATA))
+        if k < 4
+        else st.fixed_dictionaries(
+            {},
+            optional={
+                "name": _optional(st.just("maskrcnn_mobilenet_v2_fpn")),
+                "num_classes": _optional(st.integers(-1, 4)),
+                "classes": _optional(
+                    st.lists(st.sampled_from(["__background__", "cat", "dog"]), max_size=4)
+                ),  # fmt: skip
+                "category_ids": _optional(st.lists(st.integers(-1, 90), max_size=4)),
+            },
+        ).map(json.dumps)
+    )
+)
+
+
+def metadata_case(folder: Path, metadata: str, classes: list[str] | None, labels: list[int]) -> str:
+    """Load an ONNX model with this metadata, keep ``classes``, and turn raw outputs with
+    ``labels`` into a Prediction: a result or one DetfitError line."""
+    import torch
+
+    from detfit.predict.predictor import Predictor
+
+    path = folder / "model.onnx"
+    _onnx_with_metadata(path, metadata)
+    try:
+        predictor = Predictor(path, device="cpu", score_threshold=0.0, classes=classes)
+        n = len(labels)
+        out = {
+            "boxes": torch.zeros(n, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "scores": torch.ones(n),
+        }
+        predictor._result(out, torch.zeros(3, SIZE, SIZE, dtype=torch.uint8))
+    except DetfitError as exc:
+        assert "\n" not in str(exc), f"a user error spans lines: {exc}"
+        return "error"
+    return "ok"
+
+
 names = st.none() | st.just(["cat", "dog"])
 READERS: dict[str, tuple[tuple[st.SearchStrategy, ...], Callable[..., str]]] = {
     "coco": ((coco_file,), coco_case),
     "voc": ((st.lists(voc_xml(), min_size=1, max_size=3), names), voc_case),
     "yolo": ((yolo_file, names), yolo_case),
     "masks": ((mask_png(), mask_sidecar), masks_case),
+    "settings": ((settings_yaml(), set_item), settings_case),
+    "metadata": (
+        (model_metadata, st.none() | st.just(["cat"]), st.lists(st.integers(0, 3), max_size=3)),
+        metadata_case,
+    ),
 }
 
 

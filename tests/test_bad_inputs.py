@@ -82,6 +82,11 @@ def ws(tmp_path_factory) -> Path:
     bad_bbox = json.loads(json.dumps(coco))
     bad_bbox["annotations"][0]["bbox"] = [1, 2, "wide", 4]
     coco_variant("bad_bbox.json", bad_bbox)
+    short_rle = json.loads(json.dumps(coco))
+    first_image = short_rle["images"][0]
+    size = [first_image["height"], first_image["width"]]
+    short_rle["annotations"][0]["segmentation"] = {"size": size, "counts": [5, 5]}
+    coco_variant("short_rle.json", short_rle)
     truncated = json.loads(json.dumps(coco))
     first = truncated["images"][0]
     Image.open(images_dir / first["file_name"]).convert("RGB").save(images_dir / "cut.jpg")
@@ -228,6 +233,10 @@ DATA_CASES = {
     "coco bbox not numbers": (
         ["--data", "coco:demo/coco/bad_bbox.json"],
         ["bad_bbox.json", "bbox"],
+    ),
+    "coco rle that does not cover its image": (
+        ["--data", "coco:demo/coco/short_rle.json"],
+        ["short_rle.json", "segmentation=", "counts cover 10 pixels"],
     ),
     "coco truncated jpeg": (["--data", "coco:demo/coco/truncated.json"], ["cut.jpg", "truncated"]),
     "voc broken xml": (["--data", "voc:voc_broken"], ["voc_broken/Annotations/", "cannot read"]),
@@ -475,9 +484,13 @@ def onnx_file(path: Path, metadata: str | None, outputs=("boxes", "labels", "sco
 
 
 def torchscript_file(path: Path, metadata: str) -> None:
-    torch.jit.save(
-        torch.jit.script(torch.nn.Identity()), path, _extra_files={"detfit.json": metadata}
-    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
+        torch.jit.save(
+            torch.jit.script(torch.nn.Identity()), path, _extra_files={"detfit.json": metadata}
+        )
 
 
 GOOD_INFO = {"name": MODEL, "num_classes": 2, "classes": ["__background__", "person"]}
@@ -506,6 +519,7 @@ def exports(ws) -> Path:
         torchscript_file(folder / f"meta{n}.torchscript.pt", text)
     onnx_file(folder / "not_a_detector.onnx", json.dumps(GOOD_INFO), outputs=("y",))
     onnx_file(folder / "no_metadata.onnx", None)
+    onnx_file(folder / ".model.partial.onnx", json.dumps(GOOD_INFO))  # a killed export's
     (ws / "plots").mkdir()
     for name, text in {
         "word_epoch": "epoch,bbox_AP\nabc,0.1\n",
@@ -555,6 +569,10 @@ MATRIX_CASES = {
     "onnx without metadata": (
         ["predict", "exports/no_metadata.onnx", PHOTOS, "--out", "p"],
         ["no_metadata.onnx", "without detfit metadata"],
+    ),
+    "an interrupted export": (
+        ["predict", "exports/.model.partial.onnx", PHOTOS, "--out", "p"],
+        [".model.partial.onnx: the unfinished file of an export that was stopped"],
     ),
     "eval of an onnx file": (
         ["eval", "exports/meta0.onnx"],
@@ -680,6 +698,20 @@ MATRIX_CASES = {
         [*TRAIN, "--data", "yolo:yolo_empty/data.yaml"],
         ["yolo_empty", "no usable object to train on"],
     ),
+    "a weights file for a backbone-swap model": (
+        [
+            *TRAIN,
+            "--data-root",
+            "pf",
+            "--model",
+            "fasterrcnn_resnet18_fpn",
+            "--weights",
+            "ckpts/good.pt",
+            "--set",
+            "model_options={}",
+        ],
+        ["--weights ckpts/good.pt: fasterrcnn_resnet18_fpn is detfit's own combination"],
+    ),  # fmt: skip
     "out is a file": (
         [*TRAIN[:3], "settings/typo.yaml", *TRAIN[4:], "--data-root", "pf"],
         ["--out settings/typo.yaml: is a file; give a folder for the run"],

@@ -179,3 +179,56 @@ def test_score_threshold_outside_0_1(ws, monkeypatch, capsys, value):
         monkeypatch, capsys, ws, "photos/000.png", "--out", "p", "--score-threshold", value,
         named=f"--score-threshold {float(value)}: must be between 0 and 1",
     )  # fmt: skip
+
+
+def short_video(path: Path, frames: int = 4) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize(
+    "failure, named",
+    [
+        ("full", "no space left on device writing"),
+        ("read-only", "Permission denied (is"),
+    ],
+)
+def test_a_video_output_the_disk_refuses_is_one_line(
+    ws, tmp_path, monkeypatch, capsys, failure, named
+):
+    import errno
+
+    from detfit.predict import video as video_module
+
+    clip = tmp_path / "clip.mp4"
+    short_video(clip)
+    if failure == "full":
+
+        def write(self, frame):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(video_module.VideoWriter, "write", write)
+    else:
+        real_open = av.open
+
+        def refuse(path, mode="r", *args, **kwargs):
+            if mode == "w":
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(av, "open", refuse)
+    out = tmp_path / "out"
+    code, _, err = run_main(
+        monkeypatch, capsys, "predict", ws / "model.pt", clip, "--out", out, "--quiet"
+    )
+    lines = err.strip().splitlines()
+    assert code == 1 and "Traceback" not in err and len(lines) == 2, err  # and the summary line
+    assert lines[0].startswith("detfit: skipped: ") and named in lines[0] and "clip.mp4" in lines[0]
+    assert not list(out.glob("*.mp4")) and not list(out.glob(".*partial*"))

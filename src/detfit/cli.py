@@ -771,7 +771,7 @@ def main() -> None:
     """Console entry point: user errors are one line (one per problem) on stderr, exit code 2;
     a stopped run one line saying how to resume, with 128 + the signal's number."""
     from detfit.distributed import env_is_main
-    from detfit.errors import Interrupted, RunRefused
+    from detfit.errors import Interrupted
 
     try:
         app()
@@ -780,7 +780,7 @@ def main() -> None:
             typer.echo(f"detfit: {exc}", err=True)
         sys.exit(exc.exit_code)
     except DetfitError as exc:
-        if isinstance(exc, RunRefused) and not env_is_main():
+        if exc.same_on_every_rank and not env_is_main():
             sys.exit(exc.exit_code)  # rank 0 says it, once for the whole torchrun job
         for line in user_message(exc).splitlines() or [type(exc).__name__]:
             typer.echo(f"detfit: error: {line}", err=True)

@@ -35,6 +35,8 @@ from detfit.errors import DetfitError
 class SettingsError(DetfitError):
     """Settings that fail validation; the message has one line per problem."""
 
+    same_on_every_rank = True  # from the command line: every torchrun rank finds the same
+
 
 def _not_bool(value: Any) -> Any:
     # YAML's true/false would otherwise pass as 1.0/0.0

@@ -100,6 +100,12 @@ def _user_error(
     return None
 
 
+def disk_error(exc: OSError, path: Path) -> DetfitError | None:
+    """The one-line error for a full disk or an unwritable folder met writing ``path`` by other
+    means than :func:`atomic_write` (a video encoder, say); None when it is neither."""
+    return _user_error(exc, Path(path), None)
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)

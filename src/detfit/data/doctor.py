@@ -246,9 +246,10 @@ def summary(annotations: AnnotatedSet) -> list[str]:
             per_class[inst.label] += 1
             seen.add(inst.label)
         images_with.update(seen)
+    count = len(annotations.classes) - 1
     lines = [
         f"{annotations.source}: {len(annotations.images)} images, {annotations.num_instances} "
-        f"annotations ({crowd} crowd/difficult), {len(annotations.classes) - 1} classes"
+        f"annotations ({crowd} crowd/difficult), {count} class{'' if count == 1 else 'es'}"
         + (", masks" if annotations.has_masks else "")
         + (f", {len(annotations.keypoint_names)} keypoints" if annotations.keypoint_names else ""),
         "  class                     instances  images",

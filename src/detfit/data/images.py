@@ -94,15 +94,13 @@ def load_rgb(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.T
     path = Path(path)
     if not path.is_file():
         raise DetfitError(f"{path}: image not found")
-    if max_pixels is not None:
-        try:
-            header = read_header(path)
-        except DetfitError as exc:  # a file that is no image: the same line as a failed decode
-            raise DetfitError(
-                str(exc).replace(": unreadable image (", ": cannot decode image (", 1)
-            ) from None
-        check_pixels(path, header.width, header.height, max_pixels)
     try:
+        if max_pixels is not None:  # the header's size, before a pixel is decoded
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    width, height = im.size
+            check_pixels(path, width, height, max_pixels)
         if path.suffix.lower() in TORCHVISION_SUFFIXES:
             image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
         else:
@@ -113,6 +111,8 @@ def load_rgb(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.T
                     array = (array >> 8 if array.max() > 255 else array).astype(np.uint8)
                     im = Image.fromarray(array)
                 image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    except DetfitError:  # too many pixels: already the one line
+        raise
     except FileNotFoundError:
         raise DetfitError(f"{path}: image not found") from None
     except BROKEN_FILE_ERRORS as exc:

@@ -235,7 +235,8 @@ class ConsoleLog(Callback):
         data = trainer.data
         trainer.log(
             f"run folder {trainer.run_dir} | model {trainer.cfg.model} | {len(data.train)} train "
-            f"/ {len(data.test)} test images | {trainer.iters_per_epoch} iterations per epoch | "
+            f"/ {len(data.test)} {'val' if data.held_out == 'val' else 'test'} images | "
+            f"{trainer.iters_per_epoch} iterations per epoch | "
             f"device {trainer.device}"
             + (f" x {trainer.world_size} processes" if trainer.world_size > 1 else "")
         )

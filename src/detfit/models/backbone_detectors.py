@@ -19,7 +19,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from detfit.errors import DetfitError
 from detfit.models.backbones import Backbone, build_backbone, fixed_scale_pooler
 from detfit.models.options import apply_post_build, constructor_options
-from detfit.models.weights import NO_WEIGHTS
+from detfit.models.weights import NO_WEIGHTS, is_local_file
 
 HEADS = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
 MASK_HEAD_OPTIONS = ("mask_head_channels", "mask_head_norm", "mask_levels")  # Mask R-CNN only
@@ -64,6 +64,12 @@ def build_detector(
     ``mask_levels``: the mask pooler reads only the finest N levels (finer mask boundaries).
     """
     name = f"{head}_{backbone_name}" + ("_fpn" if fpn else "")
+    if weights not in NO_WEIGHTS and is_local_file(weights):
+        raise DetfitError(
+            f"--weights {weights}: {name} is detfit's own combination, so no detector weights "
+            "file fits it; continue a run of it with --resume, or start from its backbone's "
+            "weights (--weights-backbone)"
+        )
     if weights not in NO_WEIGHTS:
         raise DetfitError(
             f"{name}: torchvision has no full-detector weights for it; set weights_backbone "

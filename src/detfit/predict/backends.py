@@ -106,12 +106,19 @@ def load_backend(
     device: str = "auto",
     threads: int | None = None,
     precision: str | None = None,
+    unfinished: bool = False,
 ) -> Backend:
     """Any model file detfit makes: a checkpoint (.pt or run folder), TorchScript or ONNX.
     ``threads`` sets ONNX Runtime's intra-op threads (torch's are torch.set_num_threads).
     ``precision`` (fp32, bf16, fp16) applies to checkpoints; an exported file runs at the
-    precision it was exported with (float32, or int8 from ``export --quantize int8``)."""
+    precision it was exported with (float32, or int8 from ``export --quantize int8``).
+    ``unfinished``: the export's own parity check may load its ``.NAME.partial`` file."""
     path = model_file(path)
+    if not unfinished and path.name.startswith(".") and ".partial." in path.name:
+        raise DetfitError(
+            f"{path}: the unfinished file of an export that was stopped (its parity never "
+            "checked); export again"
+        )
     if precision not in (None, "fp32") and (path.suffix.lower() == ".onnx" or is_torchscript(path)):
         raise DetfitError(
             f"--precision {precision}: applies to checkpoints; {path.name} runs at the precision "

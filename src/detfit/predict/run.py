@@ -4,6 +4,7 @@ optionally the whole set as COCO results."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from detfit.data.rle import encode_masks
 from detfit.errors import DetfitError
-from detfit.fileio import atomic_write, atomic_write_text
+from detfit.fileio import atomic_write, atomic_write_text, disk_error
 from detfit.predict.inputs import Item, expand
 from detfit.predict.overlay import draw_prediction
 from detfit.predict.predictor import DEFAULT_SCORE_THRESHOLD, Prediction, Predictor
@@ -436,10 +437,16 @@ def _predict_video(
         writer.close()
         writer = None
         os.replace(partial, video)
+    except OSError as exc:  # PyAV's errors are OSErrors too: a full disk, a read-only --out
+        error = disk_error(exc, video)
+        if error is None:
+            raise
+        raise error from None
     finally:
         bar.close()
         if writer is not None:
-            writer.container.close()
+            with contextlib.suppress(OSError):  # the disk that just filled up may refuse this too
+                writer.container.close()
         partial.unlink(missing_ok=True)
     atomic_write_text(lines, "\n".join(jsonl) + "\n")
     summary.written += [video, lines]

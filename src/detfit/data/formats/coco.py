@@ -150,9 +150,15 @@ def _validate_all(model: type[BaseModel], entries: list[Any]) -> list[BaseModel 
 
 
 def _invalid(exc: ValidationError) -> str:
-    """The first problem of an entry, as ``key=value: what is allowed``."""
-    error = exc.errors()[0]
-    key = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("list[", "constrained")))
+    """The first problem of an entry, as ``key=value: what is allowed``. For a union (a
+    segmentation: polygons, or an RLE) pydantic lists every branch's complaint; one of detfit's
+    own checks (an RLE whose counts do not cover the image) says what is wrong, so it comes
+    first, before "must be a valid list"."""
+    errors = exc.errors()
+    error = next((e for e in errors if e["type"] == "value_error"), errors[0])
+    key = ".".join(
+        str(p) for p in error["loc"] if not str(p).startswith(("list[", "constrained", "function-"))
+    )
     msg = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     value = repr(error["input"])
     value = value if len(value) <= 40 else value[:37] + "..."
