@@ -7,12 +7,13 @@ images and model: the server's overhead per image is its p50 at concurrency 1 ov
 
 The model is the CPU recipe's (``maskrcnn_mobilenet_v2_fpn``) with random, spread-out weights
 unless ``--checkpoint`` is given; the ONNX file is exported from it (no export check). Each
-server is a real ``detfit serve`` process on 127.0.0.1 with ``--threads`` threads; each level of
-concurrency sends ``--passes`` passes over the images, after one warm-up pass. ``detfit predict`` runs in this process
-on the same backend and threads, one image per model call, whole (decode, model, JSON and
-overlay PNG written) and JSON only (decode, model, JSON document: what a request computes). At
-concurrency 1 each request follows ``detfit predict`` on the same image, so that on a shared
-machine both see the same load; the overhead is the median of these paired ratios.
+server is a real ``detfit serve`` process on 127.0.0.1 with ``--threads`` threads; after one
+warm-up pass, each level of concurrency sends ``--passes`` passes over the images. ``detfit
+predict`` runs in this process on the same backend and threads, one image per model call:
+whole (decode, model, JSON and overlay PNG written) and JSON only (decode, model, JSON
+document: what a request computes). At concurrency 1 each request follows ``detfit predict``
+on the same image, so that on a shared machine both see the same load; the overhead is the
+median of these paired ratios.
 """
 
 from __future__ import annotations
