@@ -7,11 +7,13 @@ images and model: the server's overhead per image is its p50 at concurrency 1 ov
 
 The model is the CPU recipe's (``maskrcnn_mobilenet_v2_fpn``) with random, spread-out weights
 unless ``--checkpoint`` is given; the ONNX file is exported from it (no export check). Each
-server is a real ``detfit serve`` process on 127.0.0.1 with ``--threads`` threads; each level of
-concurrency sends ``--passes`` passes over the images after two warm-up requests. ``detfit
-predict`` is timed in this process on the same backend and threads, one image per model call:
-``predict`` (decode, model, JSON and overlay PNG written) and ``predict, JSON only`` (what a
-request to the server computes: decode, model, JSON document).
+server is a real ``detfit serve`` process on 127.0.0.1 with ``--threads`` threads; after one
+warm-up pass, each level of concurrency sends ``--passes`` passes over the images. ``detfit
+predict`` runs in this process on the same backend and threads, one image per model call:
+whole (decode, model, JSON and overlay PNG written) and JSON only (decode, model, JSON
+document: what a request computes). At concurrency 1 each request follows ``detfit predict``
+on the same image, so that on a shared machine both see the same load; the overhead is the
+median of these paired ratios.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -38,27 +41,45 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def time_predict(model: Path, images: list[Path], threads: int, out: Path) -> dict[str, float]:
-    """Seconds per image of ``detfit predict`` (batch size 1), whole and without the PNG."""
-    import torch
+class InProcess:
+    """``detfit predict`` in this process on the same backend and threads, one image per model
+    call: ``whole`` (decode, model, JSON and overlay PNG written, predict_inputs) and ``json``
+    (what a request to the server computes: decode, model, JSON document)."""
 
-    from detfit.predict import Predictor, predict_inputs
-    from detfit.predict.run import record
-    from detfit.serve.uploads import check_header, decode
+    def __init__(self, model: Path, threads: int, out: Path) -> None:
+        import torch
 
-    torch.set_num_threads(threads)
-    predictor = Predictor(model, "cpu", threads=threads)
-    predictor(images[0])  # warm-up
-    started = time.perf_counter()
-    predict_inputs(predictor, images, out, batch_size=1, progress=False, log=lambda s: None)
-    whole = (time.perf_counter() - started) / len(images)
-    started = time.perf_counter()
-    for path in images:
+        from detfit.predict import Predictor
+
+        torch.set_num_threads(threads)
+        self.predictor, self.out = Predictor(model, "cpu", threads=threads), out
+        # The server calls the model from a worker thread; so does this. On this machine a
+        # CPU-recipe model called from the main thread of a fresh process ran 3-6x slower (4-7 s
+        # an image) until it had run once on another thread, then fast on both.
+        self.thread = ThreadPoolExecutor(1)
+
+    def whole(self, path: Path) -> float:
+        return self.thread.submit(self._whole, path).result()
+
+    def json(self, path: Path) -> float:
+        return self.thread.submit(self._json, path).result()
+
+    def _whole(self, path: Path) -> float:
+        from detfit.predict import predict_inputs
+
+        started = time.perf_counter()
+        predict_inputs(self.predictor, [path], self.out, batch_size=1, progress=False, log=print)
+        return time.perf_counter() - started
+
+    def _json(self, path: Path) -> float:
+        from detfit.predict.run import record
+        from detfit.serve.uploads import check_header, decode
+
+        started = time.perf_counter()
         data = path.read_bytes()
         image = decode(data, check_header(data, 10**9))
-        json.dumps({"detections": record(predictor.predict([image])[0])})
-    core = (time.perf_counter() - started) / len(images)
-    return {"predict": whole, "predict_json": core}
+        json.dumps({"detections": record(self.predictor.predict([image])[0])})
+        return time.perf_counter() - started
 
 
 def start_server(model: Path, threads: int, port: int, log: Path) -> subprocess.Popen:
@@ -77,12 +98,45 @@ def start_server(model: Path, threads: int, port: int, log: Path) -> subprocess.
     sys.exit(f"detfit serve did not start: {log.read_text()[-2000:]}")
 
 
+def paired(url: str, local: InProcess, images: list[Path], passes: int) -> dict[str, float]:
+    """Concurrency 1, each request right after ``detfit predict`` on the same image, so that
+    both see the same load on a shared machine; medians of the three times per image."""
+    times: dict[str, list[float]] = {"predict": [], "predict_json": [], "server": []}
+    with httpx.Client(base_url=url, timeout=300) as client:
+        # warm-up on every image: torch's CPU kernels are prepared for each new input size,
+        # which makes the first pass over a set of images several times slower than the next
+        for path in images:
+            local.whole(path)
+            client.post("/v1/predict", content=path.read_bytes()).raise_for_status()
+        started = time.perf_counter()
+        for _ in range(passes):
+            for path in images:
+                times["predict"].append(local.whole(path))
+                times["predict_json"].append(local.json(path))
+                body = path.read_bytes()
+                t0 = time.perf_counter()
+                client.post("/v1/predict", content=body).raise_for_status()
+                times["server"].append(time.perf_counter() - t0)
+        wall = time.perf_counter() - started
+    ratios = [s / p for s, p in zip(times["server"], times["predict_json"])]
+    return {
+        "predict_s": statistics.median(times["predict"]),
+        "predict_json_s": statistics.median(times["predict_json"]),
+        "c1": {
+            "requests": len(times["server"]),
+            "req_per_s": len(times["server"]) / sum(times["server"]),
+            "p50_s": statistics.median(times["server"]),
+            "p95_s": percentile(times["server"], 0.95),
+        },
+        "overhead_c1": statistics.median(ratios) - 1,
+        "paired_wall_s": wall,
+    }
+
+
 async def measure(url: str, bodies: list[bytes], concurrency: int, passes: int) -> dict:
     jobs = iter([b for _ in range(passes) for b in bodies])
     latencies: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        for body in bodies[:2]:  # warm-up
-            (await client.post("/v1/predict", content=body)).raise_for_status()
 
         async def worker() -> None:
             for body in jobs:
@@ -118,7 +172,6 @@ def main() -> None:
     from detfit.config import RECIPES
     from detfit.data.images import IMAGE_SUFFIXES
     from detfit.data.pennfudan import resolve_pennfudan
-    from detfit.export import export_model
 
     folder = Path(args.images) if args.images else resolve_pennfudan(None, False) / "PNGImages"
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -133,21 +186,26 @@ def main() -> None:
             if args.checkpoint
             else model_checkpoint(cpu["model"], tmp, dict(cpu["model_options"]))
         )
-        onnx, _ = export_model(
-            checkpoint, "onnx", tmp / "model.onnx", check=False, log=lambda s: None
-        )
+        # exported by detfit's command in its own process: tracing the model here would change
+        # how torch runs the eager model afterwards in this process
+        onnx = tmp / "model.onnx"
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        export = [sys.executable, "-m", "detfit", "export", str(checkpoint), "--format", "onnx"]
+        subprocess.run([*export, "--out", str(onnx), "--no-check"], check=True, env=env)
         for runtime, model in (("eager", checkpoint), ("onnx", onnx)):
-            row = time_predict(model, images, args.threads, tmp / f"predict-{runtime}")
+            local = InProcess(model, args.threads, tmp / f"predict-{runtime}")
             server = start_server(model, args.threads, args.port, tmp / f"{runtime}.log")
+            url = f"http://127.0.0.1:{args.port}"
             try:
-                for concurrency in (1, 4, 8):
+                row = paired(url, local, images, args.passes)
+                for concurrency in (4, 8):
                     row[f"c{concurrency}"] = asyncio.run(
-                        measure(f"http://127.0.0.1:{args.port}", bodies, concurrency, args.passes)
+                        measure(url, bodies, concurrency, args.passes)
                     )
             finally:
                 server.terminate()
                 server.wait(60)
-            row["overhead_c1"] = row["c1"]["p50_s"] / row["predict_json"] - 1
+            del local
             results[runtime] = row
             print(runtime, json.dumps(row), flush=True)
     print_table(results, len(images), args.threads)
@@ -164,12 +222,12 @@ def print_table(results: dict[str, dict], count: int, threads: int) -> None:
     for runtime, row in results.items():
         for c in (1, 4, 8):
             m = row[f"c{c}"]
-            head = f"{row['predict']:.3f} | {row['predict_json']:.3f}" if c == 1 else " | "
+            head = f"{row['predict_s']:.3f} | {row['predict_json_s']:.3f}" if c == 1 else " | "
             print(
                 f"| {runtime} | {head} | {c} | {m['req_per_s']:.2f} | {m['p50_s']:.3f} | {m['p95_s']:.3f} |"
             )
         print(
-            f"| {runtime} | server overhead at concurrency 1 (p50 / predict JSON only - 1) | "
+            f"| {runtime} | server overhead at concurrency 1 (median of paired ratios - 1) | "
             f"**{100 * row['overhead_c1']:+.1f}%** | | | | |"
         )
 

@@ -1,6 +1,6 @@
 """Helpers for the serve tests: one tiny model in every file kind ``detfit serve`` takes, built
-once per test session (import ``served_models`` for the ``served`` fixture), test images, and a
-real ``detfit serve`` process on a free local port."""
+once per test module (import ``served_models`` or ``tiny_models`` for the fixtures ``served``
+and ``tiny``), test images, and a real ``detfit serve`` process on a free local port."""
 
 from __future__ import annotations
 
@@ -24,24 +24,38 @@ MODEL = "maskrcnn_mobilenet_v2_fpn"
 OPTIONS = {**SMALL, "box_score_thresh": 0.0, "box_detections_per_img": 30}
 
 
-@pytest.fixture(scope="session", name="served")
-def served_models(tmp_path_factory) -> dict[str, Path | list[Path]]:
-    """The tiny model as a checkpoint, a run folder (best.pt), TorchScript and ONNX, and images
-    of four sizes, four of one size, and a larger one (closer to a photo) for the page and load."""
+def build(root: Path, exports: bool) -> dict[str, Path | list[Path]]:
+    """The tiny model as a checkpoint and a run folder (best.pt), with ``exports`` also
+    TorchScript and ONNX; images of four sizes, four of one size, and a larger one (closer to a
+    photo) for the page and the load."""
     from detfit.export import export_model
 
-    root = tmp_path_factory.mktemp("served")
     checkpoint = tiny_checkpoint(root / "tiny.pt", MODEL, OPTIONS)
     run = root / "run"
     run.mkdir()
     shutil.copy(checkpoint, run / "best.pt")
-    images = write_images(root / "images")
-    photo = write_images(root / "photo", sizes=[(240, 320)], seed=3)[0]
-    twins = write_images(root / "twins", sizes=[(80, 100)] * 4, seed=5)  # one size, one padding
     models = {"checkpoint": checkpoint, "run": run}
-    for fmt, name in (("onnx", "tiny.onnx"), ("torchscript", "tiny.torchscript.pt")):
+    for fmt, name in (("onnx", "tiny.onnx"), ("torchscript", "tiny.torchscript.pt")) * exports:
         models[fmt] = export_model(checkpoint, fmt, root / name, check=False, log=lambda s: None)[0]
-    return {**models, "images": images, "twins": twins, "photo": photo, "root": root}
+    return {
+        **models,
+        "images": write_images(root / "images"),
+        "twins": write_images(root / "twins", sizes=[(80, 100)] * 4, seed=5),  # one padding
+        "photo": write_images(root / "photo", sizes=[(240, 320)], seed=3)[0],
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module", name="served")
+def served_models(tmp_path_factory) -> dict[str, Path | list[Path]]:
+    """Every model kind (the exports take most of a minute): for the API tests."""
+    return build(tmp_path_factory.mktemp("served"), exports=True)
+
+
+@pytest.fixture(scope="module", name="tiny")
+def tiny_models(tmp_path_factory) -> dict[str, Path | list[Path]]:
+    """The checkpoint and the images only: for the page and the process tests."""
+    return build(tmp_path_factory.mktemp("tiny"), exports=False)
 
 
 def free_port() -> int:

@@ -243,7 +243,7 @@ def test_every_refusal_is_one_json_line_and_the_server_keeps_serving(client, ser
             400,
             "malformed multipart",
         ),
-        (dict(data={"image": "text"}), 400, "multipart/form-data or as the raw body"),
+        (dict(data={"image": "text"}), 415, "not an image"),  # a form of text fields
     ]
     for request, status, words in cases:
         one_line_error(client.post("/v1/predict", **request), status, words)

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO
 from detfit.serve.app import create_app
 from detfit.serve.settings import ServeSettings
-from servekit import free_port, served_models  # noqa: F401  (the fixture "served")
+from servekit import free_port, tiny_models  # noqa: F401  (the fixture "tiny")
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = REPO / "runs" / "serve-page"  # runs/ is ignored by git
@@ -29,11 +29,11 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def url(served):
+def url(tiny):
     """A real uvicorn server in a thread of this process, on a free local port."""
     import uvicorn
 
-    app = create_app(ServeSettings(model=str(served["checkpoint"]), threads=1))
+    app = create_app(ServeSettings(model=str(tiny["checkpoint"]), threads=1))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -77,7 +77,8 @@ def open_page(browser, url: str, viewport: dict, **context):
 
     page.route("**/*", only_here)
     page.goto(url)
-    page.wait_for_function("document.getElementById('model').textContent.includes('maskrcnn')")
+    # (a locator, not wait_for_function: the page's policy forbids evaluating strings)
+    page.locator("#model", has_text="maskrcnn_mobilenet_v2_fpn").wait_for()
     return page, seen
 
 
@@ -95,10 +96,10 @@ def canvas_facts(page) -> dict:
     )
 
 
-def test_the_page_draws_the_overlay_and_lists_what_the_api_returns(url, served):
+def test_the_page_draws_the_overlay_and_lists_what_the_api_returns(url, tiny):
     from playwright.sync_api import sync_playwright
 
-    photo = served["photo"]
+    photo = tiny["photo"]
     pixels = np.asarray(Image.open(photo).convert("RGB"))
     assert not (pixels == CAT).all(axis=2).any()  # the colour can only come from the overlay
     at_default, at_low = api_count(url, photo, 0.5), api_count(url, photo, 0.0)

@@ -12,7 +12,7 @@ import psutil
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from servekit import serve_process, served_models  # noqa: F401  (the fixture "served")
+from servekit import serve_process, tiny_models  # noqa: F401  (the fixture "tiny")
 
 REQUESTS, CONCURRENCY, WARM_UP = 200, 8, 50
 # A leak of what one request holds (its decoded image, its [N,H,W] masks: ~10 MB for the
@@ -29,11 +29,11 @@ def metric(url: str, name: str, **labels) -> float:
     return 0.0
 
 
-def test_200_requests_at_concurrency_8_without_error_or_memory_growth(served, tmp_path):
-    images = [*served["images"], served["photo"]]
+def test_200_requests_at_concurrency_8_without_error_or_memory_growth(tiny, tmp_path):
+    images = [*tiny["images"], tiny["photo"]]
     bodies = [p.read_bytes() for p in images]
     sizes = [Image.open(p).size for p in images]
-    with serve_process(served["checkpoint"], "--threads", "1", log=tmp_path / "log") as (proc, url):
+    with serve_process(tiny["checkpoint"], "--threads", "1", log=tmp_path / "log") as (proc, url):
         server = psutil.Process(proc.pid)
         failures: list[str] = []
 
@@ -61,16 +61,14 @@ def test_200_requests_at_concurrency_8_without_error_or_memory_growth(served, tm
         assert after - warm < RSS_GROWTH_LIMIT, f"RSS grew {(after - warm) / 2**20:.0f} MiB"
 
 
-def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(served, tmp_path):
+def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tiny, tmp_path):
     # a request waits up to 3 s for others to batch with: it is in flight when SIGTERM comes
     flags = ("--threads", "1", "--max-batch", "64", "--max-wait-ms", "3000")
-    with serve_process(served["checkpoint"], *flags, log=tmp_path / "log") as (proc, url):
+    with serve_process(tiny["checkpoint"], *flags, log=tmp_path / "log") as (proc, url):
         answer: dict = {}
 
         def send() -> None:
-            r = httpx.post(
-                f"{url}/v1/predict", content=served["images"][0].read_bytes(), timeout=60
-            )
+            r = httpx.post(f"{url}/v1/predict", content=tiny["images"][0].read_bytes(), timeout=60)
             answer.update(status=r.status_code, doc=r.json())
 
         client = threading.Thread(target=send)

@@ -536,7 +536,8 @@ def export(
 @app.command()
 def serve(
     model: Annotated[
-        Path, typer.Argument(metavar="MODEL", help="What predict takes: run folder, .pt, .onnx.")
+        Path,
+        typer.Argument(metavar="MODEL", help="As predict: run folder, .pt, TorchScript, .onnx."),
     ],
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens it to others.")] = (
         "127.0.0.1"
@@ -558,7 +559,7 @@ def serve(
     score_threshold: Annotated[float, typer.Option(help="Default of a request.")] = 0.5,
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/predict, GET /v1/model, /health, /metrics and a web page
-    at / (see docs/serve.md). Needs pip install 'detfit[serve]'."""
+    at / (see docs/serve.md). Needs the serve extra of detfit's package."""
     from detfit.serve.runner import serve as run_server
     from detfit.serve.settings import ServeSettings
 

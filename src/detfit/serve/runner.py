@@ -40,29 +40,19 @@ def serve(settings: ServeSettings, log: Callable[[str], None] = print) -> None:
         log_level="info",
         access_log=False,
     )
-    if settings.workers == 1:
-        app = create_app(settings)  # a bad MODEL is one line here, before anything listens
-        config = uvicorn.Config(app, **common)
-    else:
-        # each worker process loads its own copy; this one only checks the model loads
-        create_app(settings)
-        os.environ[SETTINGS_ENV] = settings.model_dump_json()
-        config = uvicorn.Config(
-            f"{app_from_environment.__module__}:{app_from_environment.__name__}",
-            factory=True,
-            workers=settings.workers,
-            **common,
-        )
+    # a bad MODEL is one line here, before anything listens; with --workers N each worker
+    # process loads its own copy (the factory reads the settings from the environment) and
+    # this one only checks that the model loads
+    app = create_app(settings)
     where = f"http://{settings.host}:{settings.port}/"
     log(f"detfit serve {settings.model} on {where} ({settings.workers} worker(s)); Ctrl-C stops")
-    server = uvicorn.Server(config)
     # uvicorn drains on SIGTERM, then raises the signal again for the handler it found: this one
     # makes that a normal exit (0) instead of death by signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     if settings.workers == 1:
-        server.run()
-    else:
-        from uvicorn.supervisors import Multiprocess
-
-        sock = config.bind_socket()
-        Multiprocess(config, target=server.run, sockets=[sock]).run()
+        uvicorn.Server(uvicorn.Config(app, **common)).run()
+        return
+    del app
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    factory = f"{app_from_environment.__module__}:{app_from_environment.__name__}"
+    uvicorn.run(factory, factory=True, workers=settings.workers, **common)

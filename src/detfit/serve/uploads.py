@@ -55,8 +55,8 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         return await _form_file(request, bytes(body), max_bytes)
-    if content_type.startswith("application/x-www-form-urlencoded"):
-        raise UploadError(400, "send the image as multipart/form-data or as the raw body")
+    # any other body is the image itself, whatever it is labelled (curl --data-binary says
+    # application/x-www-form-urlencoded): the header check tells an image from anything else
     if not body:
         raise UploadError(400, "empty request body: send an image")
     name = request.headers.get("x-filename") or "upload"
