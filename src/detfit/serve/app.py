@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import detfit
 from detfit.errors import DetfitError
 from detfit.models.registry import iou_types
-from detfit.predict.overlay import class_colour
+from detfit.predict.overlay import PALETTE, instance_colour
 from detfit.predict.predictor import Prediction, Predictor
 from detfit.serve.batching import Batcher
 from detfit.serve.metrics import Metrics
@@ -69,9 +69,8 @@ def model_card(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
         "outputs": tasks,
         "classes": predictor.classes[1:],
         "category_ids": predictor.category_ids[1:],
-        "colours": [
-            "#{:02x}{:02x}{:02x}".format(*class_colour(k)) for k in range(1, len(predictor.classes))
-        ],
+        # one per object, in score order, as detfit's overlays colour them
+        "colours": ["#{:02x}{:02x}{:02x}".format(*instance_colour(k)) for k in range(len(PALETTE))],
         "input_size": {
             "min_size": options.get("min_size", getattr(transform, "min_size", [None])[0]),
             "max_size": options.get("max_size", getattr(transform, "max_size", None)),

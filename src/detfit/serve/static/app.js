@@ -1,7 +1,8 @@
 // detfit serve's page: send each image to POST /v1/predict once, with every detection kept
 // (score_threshold=0), then draw and list what passes the slider, in the browser, so moving the
 // slider never asks the server again. The drawing follows detfit's overlays: translucent masks
-// with a darker edge, boxes, "class score" labels on a filled background, one colour per class.
+// with a darker edge, boxes, "class score" labels on a filled background, one colour per object
+// (its place in the score order the server returned), so overlapping objects stay apart.
 "use strict";
 
 const MASK_ALPHA = 0.45;
@@ -36,9 +37,11 @@ async function loadModel() {
   showScore();
 }
 
-function colour(label) {
+function colour(det) {
   const colours = state.card ? state.card.colours : ["#e69f00"];
-  return colours[(Math.max(label, 1) - 1) % colours.length];
+  const item = state.items.find((it) => it.result && it.result.detections.includes(det));
+  const index = item ? item.result.detections.indexOf(det) : 0;
+  return colours[index % colours.length];
 }
 
 function rgb(hex) {
@@ -104,7 +107,7 @@ function drawMasks(ctx, width, height, detections) {
   for (const det of [...detections].sort((a, b) => a.score - b.score)) {
     if (!det.mask_rle) continue;
     det.mask = det.mask || decodeMask(det.mask_rle);
-    const [r, g, b] = rgb(colour(det.label));
+    const [r, g, b] = rgb(colour(det));
     const mask = det.mask;
     for (let y = 0; y < height; y += 1) {
       for (let x = 0; x < width; x += 1) {
@@ -141,7 +144,7 @@ function drawBoxes(ctx, width, height, detections) {
   ctx.textBaseline = "top";
   for (const det of detections) {
     const [x0, y0, x1, y1] = det.box_xyxy;
-    const hex = colour(det.label);
+    const hex = colour(det);
     ctx.strokeStyle = hex;
     ctx.lineWidth = line;
     ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
@@ -183,7 +186,7 @@ function fillTable(item) {
       const row = document.createElement("tr");
       const swatch = document.createElement("span");
       swatch.className = "swatch";
-      swatch.style.background = colour(det.label);
+      swatch.style.background = colour(det);
       const cells = [String(k + 1), det.class, det.score.toFixed(3), det.box_xyxy.map((v) => v.toFixed(1)).join(", ")];
       cells.forEach((text, i) => {
         const cell = document.createElement("td");
