@@ -547,8 +547,8 @@ def test_multiclass_training_in_every_format(formats, name, tmp_path, monkeypatc
     drawn: list[str] = []
     real_label = overlay_module.label_text
 
-    def spy(name, score):
-        drawn.append(real_label(name, score))
+    def spy(name, score, track_id=None):
+        drawn.append(real_label(name, score, track_id))
         return drawn[-1]
 
     monkeypatch.setattr(overlay_module, "label_text", spy)
