@@ -120,7 +120,7 @@ def split_ap(
     data = _datasets(config)
     if data is None:
         return None
-    backend = load_backend(model_file, "cpu")
+    backend = load_backend(model_file, "cpu", unfinished=True)  # scored before it is kept
     evaluator = CocoEvaluator(iou_types, classes, config.get("eval_backend"))
     for i in range(len(data.test)):
         image, target = data.test[i]
