@@ -371,3 +371,26 @@ def test_threads_are_shared_out_among_workers():
     assert ServeSettings(model="m", workers=4).intra_op_threads(cores=2) == 1
     assert ServeSettings(model="m", workers=2, threads=3).intra_op_threads(cores=2) == 3
     assert ServeSettings(model="m").host == "127.0.0.1"
+
+
+def test_sliced_serving_equals_predict_slice(served, tmp_path, monkeypatch, capsys):
+    """--slice on the server: each image predicted on tiles, as `detfit predict --slice` does;
+    an image smaller than a tile in both directions is a 400 line, and the server goes on."""
+    image = served["photo"]  # 320 x 240
+    expected = predicted(
+        monkeypatch, capsys, served["checkpoint"], [image], tmp_path / "p", "--slice", "128",
+        "--score-threshold", "0.5", "--batch-size", "1",
+    )[image.stem]  # fmt: skip
+    app = create_app(settings(served["checkpoint"], slice_size=128))
+    with TestClient(app) as c:
+        card = c.get("/v1/model").json()
+        assert card["slicing"] == {"size": 128, "overlap": 0.2, "full": True}
+        got = c.post("/v1/predict", content=image.read_bytes(), params={"score_threshold": 0.5})
+        assert got.status_code == 200, got.text
+        assert got.json()["detections"] == expected["detections"]
+        assert len(expected["detections"]) > 0
+        small = served["images"][0]  # smaller than a 128 px tile both ways
+        refused = c.post("/v1/predict", content=small.read_bytes())
+        assert refused.status_code == 400
+        assert "--slice 128 is larger than the image" in refused.json()["error"]
+        assert c.post("/v1/predict", content=image.read_bytes()).status_code == 200

@@ -557,6 +557,9 @@ def serve(
         list[str], typer.Option("--cors", metavar="ORIGIN", help="Allow this browser origin.")
     ] = [],  # noqa: B006
     score_threshold: Annotated[float, typer.Option(help="Default of a request.")] = 0.5,
+    slice_: SliceSize = None,
+    overlap: SliceOverlap = 0.2,
+    slice_full: SliceFull = True,
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/predict, GET /v1/model, /health, /metrics and a web page
     at / (see docs/serve.md). Needs the serve extra of detfit's package."""
@@ -566,7 +569,8 @@ def serve(
     settings = ServeSettings.parse(
         model=str(model), host=host, port=port, device=device, threads=threads, workers=workers,
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_bytes=max_bytes, max_pixels=max_pixels,
-        api_key=api_key, cors=cors, score_threshold=score_threshold,
+        api_key=api_key, cors=cors, score_threshold=score_threshold, slice_size=slice_,
+        slice_overlap=overlap, slice_full=slice_full,
     )  # fmt: skip
     run_server(settings, log=lambda line: typer.echo(line, err=True))
 

@@ -48,7 +48,14 @@ def load_predictor(settings: ServeSettings) -> Predictor:
     """The model, once: every detection kept (threshold 0), each request cuts its own."""
     threads = settings.intra_op_threads()
     torch.set_num_threads(threads)
-    return Predictor(settings.model, settings.device, score_threshold=0.0, threads=threads)
+    slicing = None
+    if settings.slice_size is not None:  # Slicing checks the size and overlap (one line each)
+        from detfit.predict.slicing import Slicing
+
+        slicing = Slicing(settings.slice_size, settings.slice_overlap, settings.slice_full)
+    return Predictor(
+        settings.model, settings.device, score_threshold=0.0, threads=threads, slicing=slicing
+    )
 
 
 def model_card(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
@@ -71,6 +78,13 @@ def model_card(predictor: Predictor, settings: ServeSettings) -> dict[str, Any]:
         "category_ids": predictor.category_ids[1:],
         # one per object, in score order, as detfit's overlays colour them
         "colours": ["#{:02x}{:02x}{:02x}".format(*instance_colour(k)) for k in range(len(PALETTE))],
+        "slicing": None
+        if predictor.slicing is None
+        else {
+            "size": predictor.slicing.size,
+            "overlap": predictor.slicing.overlap,
+            "full": predictor.slicing.full,
+        },
         "input_size": {
             "min_size": options.get("min_size", getattr(transform, "min_size", [None])[0]),
             "max_size": options.get("max_size", getattr(transform, "max_size", None)),

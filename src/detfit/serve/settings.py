@@ -43,6 +43,11 @@ class ServeSettings(BaseModel):
     score_threshold: float = Field(
         0.5, ge=0, le=1, description="Score threshold of a request that names none."
     )
+    slice_size: int | None = Field(
+        None, description="Predict on tiles of this many pixels (detfit.predict.slicing)."
+    )
+    slice_overlap: float = Field(0.2, description="With slice_size: share of a tile overlapping.")
+    slice_full: bool = Field(True, description="With slice_size: also the whole image.")
     drain_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long requests in flight may take to finish."
     )
