@@ -287,3 +287,14 @@ def test_missing_optuna_is_one_line_naming_the_extra(monkeypatch):
     with pytest.raises(DetfitError) as info:
         optuna_module()
     assert str(info.value) == "detfit tune needs the optuna package: pip install 'detfit[tune]'"
+
+
+def test_time_is_a_duration_as_train_takes_it(synthetic_root, tmp_path, monkeypatch, capsys):
+    """--time means the same in tune as in train (30m, 1.5h, 900s); anything else is one line."""
+    search = write_search(tmp_path, synthetic_root)
+    code, _, err = run_main(
+        monkeypatch, capsys, "tune", search, "--out", tmp_path / "study", "--time", "2 hours"
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert "--time 2 hours: must be a duration such as 30m, 1.5h or 900s" in err
+    assert not (tmp_path / "study").exists()

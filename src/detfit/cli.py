@@ -333,7 +333,11 @@ def tune(
         int, typer.Option(min=1, help="Finished trials wanted in the study, in all.")
     ] = 20,
     time: Annotated[
-        float | None, typer.Option(help="Minutes for this run of the study, all trials together.")
+        str | None,
+        typer.Option(
+            help="Wall-clock budget of this run of the study, all trials together, as train's "
+            "--time takes it: 30m, 1.5h, 900s."
+        ),
     ] = None,
     jobs: Annotated[int, typer.Option(min=1, help="Trials at once (processes).")] = 1,
     storage: Annotated[
@@ -343,9 +347,18 @@ def tune(
 ) -> None:
     """Search settings with Optuna: trials as run folders, pruned per epoch; best.yaml at the end.
     Running the same command again continues the study (see docs/experiments.md)."""
+    from detfit.config import parse_duration
     from detfit.experiments.tune import tune as run_study
 
-    run_study(search, out, trials=trials, minutes=time, jobs=jobs, storage=storage, log=typer.echo)
+    minutes = None
+    if time is not None:
+        try:
+            minutes = parse_duration(time) / 60
+        except ValueError as exc:
+            raise DetfitError(f"--time {time}: {exc}") from None
+    run_study(
+        search, out, trials=trials, minutes=minutes, jobs=jobs, storage=storage, log=typer.echo
+    )
 
 
 @app.command()
