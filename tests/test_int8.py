@@ -54,6 +54,16 @@ def test_int8_refused_when_ap_drops_too_far_leaves_no_file(checkpoint, monkeypat
     assert len(lines) == 1 and "more than --max-ap-drop -1; nothing written" in lines[0]
     assert lines[0].startswith(f"detfit: error: {out}: int8 ")
     assert sorted(p.name for p in out.parent.iterdir() if "refused" in p.name) == []
+    # NaN would pass every comparison, so it is refused before any work
+    code, _, err = run_main(
+        monkeypatch, capsys, "export", checkpoint, "--quantize", "int8", "--file", out,
+        "--max-ap-drop", "nan",
+    )  # fmt: skip
+    assert (
+        code == 2
+        and err == "detfit: error: --max-ap-drop nan: must be a number (AP points, e.g. 0.01)\n"
+    )
+    assert not out.exists()
 
 
 def test_int8_export_quantizes_the_feature_layers_and_predicts(

@@ -4,6 +4,7 @@ into place. A failed check leaves no file behind."""
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -114,6 +115,8 @@ def export_model(
         raise DetfitError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
     if quantize not in (None, "int8"):
         raise DetfitError(f"--quantize {quantize}: the one quantization is int8")
+    if not math.isfinite(max_ap_drop):  # NaN would pass every comparison: no check at all
+        raise DetfitError(f"--max-ap-drop {max_ap_drop}: must be a number (AP points, e.g. 0.01)")
     if quantize and fmt != "onnx":
         raise DetfitError(f"--quantize int8: ONNX Runtime quantizes ONNX models, not {fmt}")
     path, ckpt = _load(source)
