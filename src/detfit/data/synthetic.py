@@ -75,6 +75,21 @@ def synthetic_objects(num_images: int, size: tuple[int, int], seed: int) -> list
     return images
 
 
+def polygon_annotation(obj: dict, ann_id: int, image_id: int) -> dict:
+    """The COCO annotation of a generated object: its polygon, its box and the box's area."""
+    xs, ys = obj["polygon"][0::2], obj["polygon"][1::2]
+    x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": COCO_CATEGORY_IDS[obj["label"] - 1],
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "area": (x1 - x0) * (y1 - y0),
+        "segmentation": [obj["polygon"]],
+        "iscrowd": 0,
+    }
+
+
 def write_all_formats(
     root: str | Path, num_images: int = 8, size: tuple[int, int] = (64, 96), seed: int = 0
 ) -> dict[str, Path]:
@@ -130,15 +145,7 @@ def write_all_formats(
             xs, ys = obj["polygon"][0::2], obj["polygon"][1::2]
             x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
             coco["annotations"].append(
-                {
-                    "id": 100 + len(coco["annotations"]),
-                    "image_id": image_id,
-                    "category_id": COCO_CATEGORY_IDS[obj["label"] - 1],
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": (x2 - x1) * (y2 - y1),
-                    "segmentation": [obj["polygon"]],
-                    "iscrowd": 0,
-                }
+                polygon_annotation(obj, 100 + len(coco["annotations"]), image_id)
             )
             voc_objects.append(
                 f"<object><name>{SYNTHETIC_CLASSES[obj['label'] - 1]}</name><difficult>0</difficult>"
@@ -265,18 +272,8 @@ def write_scattered_coco(
         Image.fromarray(render(height, width, objects, rng)).save(root / "images" / name)
         coco["images"].append({"id": image_id, "file_name": name, "width": width, "height": height})
         for obj in objects:
-            xs, ys = obj["polygon"][0::2], obj["polygon"][1::2]
-            x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
             coco["annotations"].append(
-                {
-                    "id": len(coco["annotations"]) + 1,
-                    "image_id": image_id,
-                    "category_id": COCO_CATEGORY_IDS[obj["label"] - 1],
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
-                    "segmentation": [obj["polygon"]],
-                    "iscrowd": 0,
-                }
+                polygon_annotation(obj, len(coco["annotations"]) + 1, image_id)
             )
     path = root / "annotations.json"
     path.write_text(json.dumps(coco))
