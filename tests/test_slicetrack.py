@@ -282,6 +282,7 @@ def test_bad_slice_and_track_requests_are_one_line_each(
         (["--slice", "48", "--overlap", "0.95"], "--overlap 0.95: must be between 0 and 0.9"),
         (["--slice", "48", "--overlap", "-0.1"], "--overlap -0.1: must be between 0 and 0.9"),
         (["--track"], f"{path}: --track follows objects through videos; this is a still image"),
+        (["--slice", "48", "--tta"], "--tta and --slice cannot be combined: choose one"),
     ]
     for flags, message in cases:
         code, _, err = run_main(

@@ -61,6 +61,10 @@ def evaluate_checkpoint(
 
     if backend is not None:
         check_backend(backend, "--backend")  # before the (slow) checkpoint is read
+    if tta and slicing is not None:
+        from detfit.predict.predictor import TTA_WITH_SLICES
+
+        raise DetfitError(TTA_WITH_SLICES)
     ckpt = load_checkpoint(run_checkpoint(checkpoint))
     cfg = TrainConfig.from_dict(ckpt["config"], str(checkpoint))
     if data_root:

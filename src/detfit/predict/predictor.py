@@ -18,6 +18,9 @@ from detfit.predict.slicing import Slicing, sliced_output
 ImageLike = Any  # a path, a PIL image, an HxWx3 numpy array or a [3,H,W] tensor
 # Detections scoring below this are not shown: by predict, in galleries and confusion matrices.
 DEFAULT_SCORE_THRESHOLD = 0.5
+# Test-time augmentation runs the model on the whole image and its mirror; sliced inference runs
+# it on tiles. Both at once is not built, and one silently losing to the other would mislead.
+TTA_WITH_SLICES = "--tta and --slice cannot be combined: choose one"
 DEFAULT_MASK_THRESHOLD = 0.5  # a mask pixel's probability from which it belongs to the object
 
 
@@ -85,6 +88,8 @@ class Predictor:
         threads: int | None = None,
         slicing: Slicing | None = None,
     ) -> None:
+        if tta and slicing is not None:  # before the (slow) load
+            raise DetfitError(TTA_WITH_SLICES)
         self.backend: Backend = load_backend(path, device, threads, precision=precision)
         info = self.backend.info
         self.classes: list[str] = list(info.get("classes") or [])
