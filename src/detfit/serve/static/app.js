@@ -39,9 +39,7 @@ async function loadModel() {
 
 function colour(det) {
   const colours = state.card ? state.card.colours : ["#e69f00"];
-  const item = state.items.find((it) => it.result && it.result.detections.includes(det));
-  const index = item ? item.result.detections.indexOf(det) : 0;
-  return colours[index % colours.length];
+  return colours[det.rank % colours.length];
 }
 
 function rgb(hex) {
@@ -245,6 +243,10 @@ async function predict(file) {
     if (response.status === 401) $("key-row").hidden = false;
     throw new Error(`${file.name}: ${result.error || response.status}`);
   }
+  // each object's colour: its place in the server's score order, the same whatever the slider
+  result.detections.forEach((det, k) => {
+    det.rank = k;
+  });
   const item = {
     element,
     result,
