@@ -210,3 +210,37 @@ def test_best_metric_must_be_scored_by_the_model(root, tmp_path):
     cfg = tiny(root, tmp_path / "run", best_metric="keypoints_AP")
     with pytest.raises(DetfitError, match="best_metric=keypoints_AP: .* is scored on bbox, segm"):
         Trainer(cfg, progress=False, log=lambda s: None).fit()
+
+
+def test_a_recipes_epochs_do_not_cap_a_budget_but_the_users_do():
+    from detfit.config import BUDGET_EPOCHS, recipe_config
+
+    assert recipe_config("tutorial").epochs == 10  # no budget: the recipe's epochs
+    assert recipe_config("tutorial", time_budget="2h").epochs == BUDGET_EPOCHS
+    assert recipe_config("cpu", time_budget="2h", epochs=3).epochs == 3  # the user's cap holds
+
+
+
+def test_train_time_flag_is_not_capped_by_the_recipes_epochs(root, tmp_path, monkeypatch, capsys):
+    """``detfit train --recipe cpu --time``: config.yaml records the budget's cap, not the
+    recipe's epochs; ``--epochs`` given as well is the cap. A 1 s budget trains one epoch."""
+    import yaml
+
+    from detfit.config import BUDGET_EPOCHS
+
+    small = [f"--set=model_options.{k}={v}" for k, v in {"min_size": 64, "max_size": 96}.items()]
+    common = [
+        "train", "--recipe", "cpu", "--data-root", root, "--time", "1s",
+        "--set", "weights_backbone=null", "--set", "num_test=2", "--set", "workers=0",
+        "--set", "max_iters_per_epoch=1", "--set", "threads=1", "--set", "plots=false", "--quiet",
+        *small,
+    ]  # fmt: skip
+    code, out, err = run_main(monkeypatch, capsys, *common, "--out", tmp_path / "a")
+    assert code == 0, err
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["epochs"] == BUDGET_EPOCHS
+    assert len(json.loads((tmp_path / "a" / "metrics.json").read_text())) == 1
+    code, out, err = run_main(
+        monkeypatch, capsys, *common, "--epochs", "2", "--out", tmp_path / "b"
+    )
+    assert code == 0, err
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["epochs"] == 2

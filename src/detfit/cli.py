@@ -148,6 +148,7 @@ def train(
         merge_settings,
         recipe_config,
         resolve_recipe,
+        uncap_for_budget,
     )
     from detfit.engine import Trainer
 
@@ -202,6 +203,8 @@ def train(
     base.pop("out", None)  # a run's own config.yaml names its folder: start a new one
     base.pop("run_id", None)  # and its id: the new run gets its own
     settings = merge_settings(base, given, set_)
+    if not config:  # a recipe's epochs do not cap a time budget; the user's (flag, --set) do
+        settings = uncap_for_budget(settings, merge_settings({}, given, set_))
     cfg = TrainConfig.from_dict(settings, str(config) if config else "")
     run_dir = Trainer(cfg, overwrite=overwrite, progress=not quiet).fit()
     say(f"done: {run_dir} (best.pt, last.pt, metrics.csv, config.yaml)")

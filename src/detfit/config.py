@@ -745,11 +745,26 @@ def resolve_recipe(name: str) -> str:
     return name
 
 
+# With a time budget the budget plans the epochs: a recipe's own epoch count is no limit then
+# (the tutorial's 10 would cap a 2-hour budget at 10 epochs), only a user's ``epochs`` is.
+BUDGET_EPOCHS = 1000
+
+
+def uncap_for_budget(settings: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (a recipe's, merged with the user's ``user`` settings) with ``epochs`` raised
+    to :data:`BUDGET_EPOCHS` when a ``time_budget`` is set and the user did not give ``epochs``,
+    so that the budget, not the recipe's epoch count, ends the run."""
+    if settings.get("time_budget") and user.get("epochs") is None:
+        settings["epochs"] = max(settings.get("epochs") or 0, BUDGET_EPOCHS)
+    return settings
+
+
 def recipe_config(name: str, **overrides: Any) -> TrainConfig:
     """A TrainConfig for recipe ``name`` (``auto`` included) with ``overrides`` merged on top (see
-    merge_settings)."""
+    merge_settings); with a ``time_budget`` and no ``epochs`` in ``overrides`` the budget alone
+    plans the epochs (:func:`uncap_for_budget`)."""
     name = resolve_recipe(name)
-    data = merge_settings(RECIPES[name], overrides)
+    data = uncap_for_budget(merge_settings(RECIPES[name], overrides), overrides)
     data["recipe"] = name
     return TrainConfig.from_dict(data, f"recipe {name}")
 

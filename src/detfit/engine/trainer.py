@@ -859,8 +859,8 @@ class Trainer:
         start, first = self._probe_from
         steps = self.iteration - first
         epoch_over = self.iteration >= self.iters_per_epoch
-        if steps < budget_module.PROBE_ITERS - 1 and not epoch_over:
-            return
+        if steps < budget_module.PROBE_ITERS - 1 and not epoch_over or steps <= 0:
+            return  # (an epoch of one step: the plan follows its evaluation, _replan)
         self.budget.seconds_per_iter = distributed.broadcast_from_main((now - start) / steps)
         if epoch_over:
             return  # the plan follows the epoch's evaluation (_replan)
@@ -877,6 +877,12 @@ class Trainer:
         """After an epoch: plan again from what the epoch really cost, evaluation and
         checkpoints included (estimated from the measured rates when it was resumed part way)."""
         budget = self.budget
+        if budget.seconds_per_iter is None and epoch_started is not None:
+            # epochs too short for the probe (one step): the epoch's own times are the rates
+            spent = self.clock() - epoch_started - (budget.eval_seconds or 0.0)
+            budget.seconds_per_iter = distributed.broadcast_from_main(
+                max(spent, 0.0) / max(self.iters_per_epoch, 1)
+            )
         if budget.seconds_per_iter is None:
             return
         if epoch_started is not None:
