@@ -220,7 +220,6 @@ def test_a_recipes_epochs_do_not_cap_a_budget_but_the_users_do():
     assert recipe_config("cpu", time_budget="2h", epochs=3).epochs == 3  # the user's cap holds
 
 
-
 def test_train_time_flag_is_not_capped_by_the_recipes_epochs(root, tmp_path, monkeypatch, capsys):
     """``detfit train --recipe cpu --time``: config.yaml records the budget's cap, not the
     recipe's epochs; ``--epochs`` given as well is the cap. A 1 s budget trains one epoch."""
