@@ -61,5 +61,69 @@ def test_data_check_prints_what_each_recipe_would_choose(synthetic_root, monkeyp
     code, out, _ = run_main(monkeypatch, capsys, "data", "check", f"masks:{synthetic_root}")
     assert code == 0
     assert re.search(r"  sizes: median image \d+ x \d+ px, median object \d+ px, at most \d", out)
-    assert "  recipe cpu: its sizes and proposal counts suit this data" in out
-    assert "  recipe tutorial: its sizes and proposal counts suit this data" in out
+    assert "  recipe cpu: its sizes, anchors and proposal counts suit this data" in out
+    assert "  recipe tutorial: its sizes, anchors and proposal counts suit this data" in out
+
+
+RCNN_ANCHORS = ((32,), (64,), (128,), (256,), (512,))  # torchvision's R-CNN FPN anchors
+
+
+def test_anchors_follow_objects_far_from_their_sizes():
+    from detfit.data.adapt import adapt_anchors
+
+    fine = DataSizes(400, 600, 60, 4, small_object=20, large_object=200)
+    assert adapt_anchors(RCNN_ANCHORS, {}, fine, True) is None  # 800 px: 40 to 400 px objects
+    tiny = replace(fine, small_object=6)  # x2 at 800 px: 12 px, under half of 32
+    choice = adapt_anchors(RCNN_ANCHORS, {}, tiny, True)
+    assert choice.value == [[16], [32], [64], [128], [256]]
+    assert "12 px or less once resized, under half the smallest anchor (32 px)" in choice.why
+    tinier = replace(fine, small_object=2)  # 4 px: a quarter, never more than that
+    assert adapt_anchors(RCNN_ANCHORS, {}, tinier, True).value == [[8], [16], [32], [64], [128]]
+    huge = DataSizes(400, 600, 300, 2, small_object=300, large_object=1000)  # 2000 px resized
+    assert adapt_anchors(RCNN_ANCHORS, {}, huge, True).value[-1] == [1024]  # 2000 < 4 x 512
+    assert adapt_anchors(RCNN_ANCHORS, {"anchor_sizes": [[8]] * 5}, tiny, True) is None  # yours
+
+
+def test_a_run_on_small_objects_records_its_adapted_anchors(tmp_path):
+    """A real (tiny) run on objects of 8-12 px, resized x0.32: the anchors are quartered, the
+    line is logged, config.yaml and the checkpoint's model info record them, and the model
+    rebuilt from best.pt has them."""
+    import torch
+
+    from detfit.config import TrainConfig
+    from detfit.data.synthetic import write_scattered_coco
+    from detfit.engine import Trainer
+    from detfit.engine.checkpoint import load_checkpoint
+    from detfit.models import rebuild_model
+    from detfit.models.options import anchor_generator_of
+    from test_trainer import tiny
+
+    coco = write_scattered_coco(tmp_path / "data", 6, (200, 300), 3, object_size=(8, 12))
+    settings = tiny(tmp_path, tmp_path / "run", epochs=1, max_iters_per_epoch=1).to_dict()
+    settings.update(dataset=f"coco:{coco}", data_root=None, num_test=2)
+    logs: list[str] = []
+    run = Trainer(TrainConfig.from_dict(settings), progress=False, log=logs.append).fit()
+    (line,) = [s for s in logs if "anchor_sizes" in s]
+    # detfit's MobileNetV2-FPN: 4 maps of 2 sizes each, from (32, 64) up, quartered
+    assert line.startswith(
+        "adapted to the data: model_options.anchor_sizes: [[8, 16], [16, 32], [32, 64], [64, 128]]"
+        " (a tenth of the objects are 3 px or less once resized, under half the smallest anchor"
+    )
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model_options"]
+    assert saved["anchor_sizes"] == [[8, 16], [16, 32], [32, 64], [64, 128]]
+    ckpt = load_checkpoint(run / "best.pt")
+    model = rebuild_model(ckpt["model_info"], ckpt["model"], "best.pt").eval()
+    assert anchor_generator_of(model).sizes == ((8, 16), (16, 32), (32, 64), (64, 128))
+    assert isinstance(model(torch.rand(1, 3, 200, 300))[0]["boxes"], torch.Tensor)
+
+
+def test_data_check_names_the_anchors_it_would_choose(tmp_path, monkeypatch, capsys):
+    from detfit.data.synthetic import write_scattered_coco
+
+    coco = write_scattered_coco(tmp_path, 3, (1200, 1800), 3, object_size=(8, 12))
+    code, out, _ = run_main(monkeypatch, capsys, "data", "check", f"coco:{coco}")
+    assert code == 0, out
+    # at 832 px (the cpu recipe's sizes, doubled at most) 8-12 px objects are still 6-8 px
+    assert "recipe cpu would choose model_options.anchor_sizes: [[8, 16], [16, 32], [32, 64]" in out
+    assert "recipe tutorial would choose model_options.anchor_sizes: [[16], [32], [64]" in out
+    assert "a tenth of the objects are 6 px or less once resized" in out

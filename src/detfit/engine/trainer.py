@@ -26,7 +26,7 @@ import torch
 
 from detfit import distributed
 from detfit.config import RECIPES, SPEED_UPS_OFF, TrainConfig
-from detfit.data.adapt import adapt_options
+from detfit.data.adapt import adapt_anchors, adapt_options
 from detfit.data.spec import absolute_spec
 from detfit.engine.budget import (
     PROBE_EVAL_BATCHES,
@@ -76,6 +76,7 @@ from detfit.models import (
     model_info,
     rebuild_model,
 )
+from detfit.models.options import anchor_generator_of, set_anchors
 from detfit.models.precision import autocast_dtype, keep_fp32_where_needed
 from detfit.models.speedups import speed_up
 from detfit.models.tta import tta_views
@@ -216,6 +217,28 @@ def adapt_to_data(cfg: TrainConfig, data: Datasets, log: Callable[[str], None] =
         log(f"adapted to the data: {choice.line()}")
     if choices:
         cfg.model_options = {**cfg.model_options, **{c.key: c.value for c in choices}}
+
+
+def adapt_anchors_to_data(
+    cfg: TrainConfig,
+    data: Datasets,
+    model: torch.nn.Module,
+    options: dict[str, Any],
+    log: Callable[[str], None] = print,
+) -> None:
+    """The built model's anchors scaled to the data's object sizes (:func:`adapt_anchors`), one
+    line, recorded in ``options`` (hence the checkpoint's model info) and in ``cfg``. FCOS is
+    left alone: its anchors mark each level's size range, not boxes the RPN regresses from."""
+    generator = anchor_generator_of(model)
+    if generator is None or data.sizes is None or cfg.model.startswith("fcos"):
+        return
+    choice = adapt_anchors(generator.sizes, options, data.sizes, not cfg.model.startswith("ssd"))
+    if choice is None:
+        return
+    set_anchors(model, cfg.model, choice.value, None)
+    log(f"adapted to the data: {choice.line()}")
+    options[choice.key] = choice.value
+    cfg.model_options = {**cfg.model_options, choice.key: choice.value}
 
 
 def loss_weights_for(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, float]:
@@ -628,6 +651,7 @@ class Trainer:
             weights_backbone=cfg.weights_backbone,
             **options,
         )
+        adapt_anchors_to_data(cfg, self.data, model, options, self.log)
         info = model_info(cfg.model, len(self.data.classes), self.data.classes, options, model)
         info["category_ids"] = self.data.category_ids
         info["keypoint_names"] = self.data.keypoint_names  # test-time flips swap left and right
