@@ -504,7 +504,7 @@ def export(
         bool, typer.Option(help="Compare with eager torch; a mismatch exits 1, no file kept.")
     ] = True,
     strip: Annotated[
-        bool, typer.Option(help="Write a weights-only checkpoint (--out) instead.")
+        bool, typer.Option(help="Write a weights-only checkpoint (--file) instead.")
     ] = False,
     quantize: Annotated[
         str | None,
