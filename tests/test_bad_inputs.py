@@ -19,10 +19,10 @@ from PIL import Image
 
 import detfit.fileio as fileio
 from conftest import SMALL, run_main
+from detfit.checkpoint import model_info, save_checkpoint
 from detfit.config import TrainConfig
 from detfit.data.synthetic import make_pennfudan, write_all_formats
-from detfit.engine.checkpoint import save_checkpoint
-from detfit.models import build_model, model_info
+from detfit.models import build_model
 
 MODEL = "maskrcnn_mobilenet_v2_fpn"
 # Settings that keep any run that gets past the checks tiny (none should get that far).

@@ -16,11 +16,11 @@ import pytest
 import detfit.engine.budget as budget_module
 import detfit.engine.trainer as trainer_module
 from conftest import make_pennfudan, run_main
+from detfit.checkpoint import load_checkpoint
 from detfit.config import SettingsError, TrainConfig, parse_duration
 from detfit.engine import Callback, Trainer
 from detfit.engine.budget import TimeBudget
 from detfit.engine.callbacks import evaluations_since_best
-from detfit.engine.checkpoint import load_checkpoint
 from detfit.errors import DetfitError, Interrupted
 from test_trainer import SignalAt, tiny
 

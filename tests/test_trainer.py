@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import REPO, make_pennfudan, run_config, run_main
+from detfit.checkpoint import load_checkpoint
 from detfit.config import TrainConfig
 from detfit.data.sampling import EpochBatches, PerItemSeed, ShardBatches
 from detfit.engine import Callback, Trainer
-from detfit.engine.checkpoint import load_checkpoint
 from detfit.errors import DetfitError, Interrupted
 
 

@@ -516,7 +516,8 @@ def export(
     ] = 0.01,
 ) -> None:
     """Export to ONNX or TorchScript (dynamic height/width, classes inside) with a parity check."""
-    from detfit.export import ParityError, export_model, strip_checkpoint
+    from detfit.checkpoint import strip_checkpoint
+    from detfit.export import ParityError, export_model
 
     if strip:
         if file is None:

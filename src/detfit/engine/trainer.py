@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import shlex
 import time
 import uuid
@@ -21,10 +20,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from detfit import distributed
+from detfit.checkpoint import (
+    BEST_KEYS,
+    RUN_FILES,
+    holds_run,
+    load_checkpoint,
+    model_info,
+    save_checkpoint,
+    training_model,
+)
 from detfit.config import RECIPES, SPEED_UPS_OFF, TrainConfig
 from detfit.data.adapt import adapt_options
 from detfit.data.spec import absolute_spec
@@ -53,17 +60,9 @@ from detfit.engine.callbacks import (
     ValidationLoss,
     write_metrics,
 )
-from detfit.engine.checkpoint import (
-    BEST_KEYS,
-    RUN_FILES,
-    holds_run,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from detfit.engine.interrupt import StopRequest
 from detfit.engine.loop import LossMeter, StepResult, TrainStep
+from detfit.engine.rng import rng_state, seed_everything, set_rng_state
 from detfit.engine.runlock import RunLock
 from detfit.errors import DetfitError, Interrupted, RunRefused
 from detfit.eval.loop import EvaluationResult, evaluate
@@ -73,8 +72,6 @@ from detfit.models import (
     get_spec,
     inapplicable_options,
     iou_types,
-    model_info,
-    rebuild_model,
 )
 from detfit.models.precision import autocast_dtype, keep_fp32_where_needed
 from detfit.models.speedups import speed_up
@@ -119,12 +116,6 @@ def _stat(path: Path | None) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_mtime_ns, st.st_size
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def peak_rss_mb() -> float:
@@ -615,10 +606,7 @@ class Trainer:
     def _build_model(self) -> tuple[torch.nn.Module, dict[str, Any]]:
         cfg, ckpt = self.cfg, self.checkpoint
         if ckpt is not None:
-            # with EMA, "model" holds the averaged (evaluated) weights and "train_model" the raw
-            weights = ckpt.get("train_model") or ckpt["model"]
-            model = rebuild_model(ckpt["model_info"], weights, f"{self.run_dir}/last.pt")
-            return model, ckpt["model_info"]
+            return training_model(ckpt, f"{self.run_dir}/last.pt")
         adapt_to_data(cfg, self.data, self.log)
         options = options_for_data(cfg, self.data, self.log)
         model = build_model(
