@@ -11,7 +11,7 @@ import yaml
 from conftest import run_main
 from detfit.config import RECIPES, recipe_config
 from detfit.data.adapt import DataSizes, adapt_options
-from detfit.engine.builders import Datasets
+from detfit.data.loaders import Datasets
 from detfit.engine.trainer import adapt_to_data
 
 CPU = RECIPES["cpu"]["model_options"]

@@ -21,8 +21,8 @@ from conftest import SMALL, run_main
 from detfit.checkpoint import model_info, save_checkpoint
 from detfit.config import TrainConfig
 from detfit.data.images import load_rgb
+from detfit.data.loaders import build_datasets
 from detfit.data.synthetic import write_all_formats
-from detfit.engine.builders import build_datasets
 from detfit.eval.coco import STAT_NAMES
 from detfit.models import build_model
 

@@ -26,9 +26,9 @@ from conftest import REPO, SMALL, run_config, run_main
 from detfit.checkpoint import model_info, save_checkpoint
 from detfit.config import SettingsError, TrainConfig, settings_table
 from detfit.data.images import load_rgb
+from detfit.data.loaders import build_datasets
 from detfit.data.synthetic import write_all_formats
 from detfit.engine import Trainer
-from detfit.engine.builders import build_datasets
 from detfit.engine.trainer import RESUMABLE
 from detfit.eval import coco as coco_module
 from detfit.eval.backends import backend_names, check_backend, default_backend, metric_backend

@@ -331,7 +331,7 @@ def untrained_checkpoint(path: Path, coco: Path) -> Path:
     run on ``coco`` (no training: it is scored, not judged)."""
     from detfit.checkpoint import model_info
     from detfit.config import TrainConfig
-    from detfit.engine.builders import build_datasets
+    from detfit.data.loaders import build_datasets
     from detfit.models import build_model
 
     options = {**SMALL, "box_score_thresh": 0.0, "box_detections_per_img": 20}

@@ -350,7 +350,7 @@ def test_per_item_seeds_do_not_depend_on_the_callers_rng():
 
 def test_a_recipes_options_adapt_to_the_model_and_the_data():
     from detfit.config import recipe_config
-    from detfit.engine.builders import Datasets
+    from detfit.data.loaders import Datasets
     from detfit.engine.trainer import options_for_data
 
     crowded = Datasets(None, None, ["__background__", "a"], max_objects=101)

@@ -34,20 +34,14 @@ from detfit.checkpoint import (
 )
 from detfit.config import RECIPES, SPEED_UPS_OFF, TrainConfig
 from detfit.data.adapt import adapt_options
+from detfit.data.loaders import Datasets, build_datasets, build_loaders
 from detfit.data.spec import absolute_spec
 from detfit.engine.budget import (
     PROBE_EVAL_BATCHES,
     TimeBudget,
     format_duration,
 )
-from detfit.engine.builders import (
-    Datasets,
-    build_datasets,
-    build_loaders,
-    build_optimizer,
-    build_scheduler,
-    effective_lr,
-)
+from detfit.engine.builders import build_optimizer, build_scheduler, effective_lr
 from detfit.engine.callbacks import (
     EMA,
     Callback,
@@ -65,7 +59,8 @@ from detfit.engine.loop import LossMeter, StepResult, TrainStep
 from detfit.engine.rng import rng_state, seed_everything, set_rng_state
 from detfit.engine.runlock import RunLock
 from detfit.errors import DetfitError, Interrupted, RunRefused
-from detfit.eval.loop import EvaluationResult, evaluate
+from detfit.eval.assembly import evaluate_run, prepare_model
+from detfit.eval.loop import EvaluationResult
 from detfit.fileio import remove_stale_temp_files
 from detfit.models import (
     build_model,
@@ -73,9 +68,6 @@ from detfit.models import (
     inapplicable_options,
     iou_types,
 )
-from detfit.models.precision import autocast_dtype, keep_fp32_where_needed
-from detfit.models.speedups import speed_up
-from detfit.models.tta import tta_views
 from detfit.paths import DEFAULT_RUNS_DIR
 
 # Settings that may change when a run is resumed; any other change is refused.
@@ -522,14 +514,8 @@ class Trainer:
                 "choose a detection model (detfit models)"
             )
         self.module.to(self.device)
-        speed_up(
-            self.module,
-            self.device,
-            fold_frozen_bn=cfg.fold_frozen_bn,
-            memory_format=cfg.memory_format,
-            sparse_roi_align=cfg.sparse_roi_align,
-            compile=cfg.compile,
-        )
+        # the speed-ups and precision detfit eval applies too: the run scores as eval does
+        self.autocast_dtype = prepare_model(self.module, cfg, self.device, self.log)
         if cfg.sync_bn and self.world_size > 1:
             if self.device.type != "cuda":
                 raise DetfitError(
@@ -547,9 +533,6 @@ class Trainer:
         self.scheduler = build_scheduler(
             cfg, self.optimizer, self.iters_per_epoch, epochs=lambda: self.planned_epochs
         )
-        self.autocast_dtype = autocast_dtype(cfg.precision, self.device, amp=cfg.amp, log=self.log)
-        if self.autocast_dtype is not None:
-            keep_fp32_where_needed(self.module)
         # float16 needs loss scaling; bfloat16 has float32's range and does not
         use_scaler = self.autocast_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
@@ -763,17 +746,15 @@ class Trainer:
                 )
 
     def _evaluate(self, loader: Any) -> EvaluationResult:
-        return evaluate(
+        return evaluate_run(
             self.eval_model,
             loader,
+            self.cfg,
             self.device,
-            iou_types=iou_types(self.cfg.model),
             classes=self.data.classes,
-            progress=self.progress,
-            verbose=False,
-            backend=self.cfg.eval_backend,
-            tta=tta_views(self.cfg.tta, self.data.keypoint_names),
+            keypoint_names=self.data.keypoint_names,
             autocast_dtype=self.autocast_dtype,
+            progress=self.progress,
         )
 
     def _train_epoch(self) -> None:

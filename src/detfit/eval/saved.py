@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from detfit import distributed
 from detfit.errors import DetfitError
+from detfit.eval.assembly import evaluate_run, prepare_model
 from detfit.eval.backends import check_backend
-from detfit.eval.loop import EvaluationResult, evaluate
+from detfit.eval.loop import EvaluationResult
 
 if TYPE_CHECKING:
     from detfit.predict.slicing import Slicing
@@ -52,11 +53,7 @@ def evaluate_checkpoint(
     """
     from detfit.checkpoint import load_model
     from detfit.config import TrainConfig
-    from detfit.engine.builders import build_datasets, build_loaders
-    from detfit.models import iou_types as model_iou_types
-    from detfit.models.precision import autocast_dtype, keep_fp32_where_needed
-    from detfit.models.speedups import speed_up
-    from detfit.models.tta import tta_views
+    from detfit.data.loaders import build_datasets, build_loaders
 
     if backend is not None:
         check_backend(backend, "--backend")  # before the (slow) checkpoint is read
@@ -93,39 +90,25 @@ def evaluate_checkpoint(
             )
         loaders = build_loaders(cfg, datasets, distributed.rank(), distributed.world_size())
         model = loaded.model
-        speed_up(
-            model,
-            dev,
-            fold_frozen_bn=cfg.fold_frozen_bn,
-            memory_format=cfg.memory_format,
-            sparse_roi_align=cfg.sparse_roi_align,
-            compile=cfg.compile,
-        )
-        dtype = autocast_dtype(
-            cfg.precision, dev, amp=cfg.amp, log=log if main() else lambda line: None
-        )
-        if dtype is not None:
-            keep_fp32_where_needed(model)
+        dtype = prepare_model(model, cfg, dev, log if main() else lambda line: None)
         source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
         scored = f"{SCORED[datasets.held_out]}{source}"
         if slicing is not None:
-            from detfit.predict.slicing import SlicedModel
-
             scored += f", sliced in {slicing.size} px tiles"
             scored += "" if slicing.full else " (no whole-image pass)"
         if main():  # only now: a checkpoint that does not load is one line, this one is not
             log(f"scoring {len(datasets.test)} images: {scored}")
-        result = evaluate(
-            model if slicing is None else SlicedModel(model, slicing),
+        result = evaluate_run(
+            model,
             loaders.test,
+            cfg,
             dev,
             classes=datasets.classes,
-            progress=progress,
-            verbose=False,
-            backend=cfg.eval_backend,
-            tta=tta_views(cfg.tta if tta is None else tta, loaded.keypoint_names),
+            keypoint_names=loaded.keypoint_names,
             autocast_dtype=dtype,
-            iou_types=model_iou_types(model),
+            progress=progress,
+            tta=tta,
+            slicing=slicing,
         )
         if main() and verbose:
             for iou_type, coco_eval in result.coco_eval.items():

@@ -47,7 +47,7 @@ def test_split_images(config: dict[str, Any], count: int) -> list[tuple[str, tor
     """Up to ``count`` images of distinct sizes from the run's test split; none when the data
     is not at hand."""
     from detfit.config import TrainConfig
-    from detfit.engine.builders import build_datasets
+    from detfit.data.loaders import build_datasets
 
     try:
         cfg = TrainConfig.from_dict(config, "checkpoint config")
