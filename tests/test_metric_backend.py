@@ -29,7 +29,7 @@ from detfit.data.images import load_rgb
 from detfit.data.loaders import build_datasets
 from detfit.data.synthetic import write_all_formats
 from detfit.engine import Trainer
-from detfit.engine.trainer import RESUMABLE
+from detfit.engine.run_folder import RESUMABLE
 from detfit.eval import coco as coco_module
 from detfit.eval.backends import backend_names, check_backend, default_backend, metric_backend
 from detfit.eval.coco import KEYPOINT_STAT_NAMES, STAT_NAMES, CocoEvaluator

@@ -695,7 +695,7 @@ def data_show(
     from detfit.plots.dataset import show_augmented, show_dataset
 
     if out is None:
-        from detfit.engine.trainer import new_run_dir
+        from detfit.engine.run_folder import new_run_dir
 
         out = new_run_dir("data-show")
     paths = show_dataset(dataset, out, n=n, split=split, seed=seed)
