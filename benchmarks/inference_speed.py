@@ -36,7 +36,8 @@ def model_checkpoint(name: str, folder: Path, options: dict) -> Path:
     import torch
     from torch import nn
 
-    from detfit.models import build_model, model_info
+    from detfit.checkpoint import model_info
+    from detfit.models import build_model
 
     torch.manual_seed(0)
     model = build_model(name, 2, weights=None, weights_backbone=None, **options).eval()

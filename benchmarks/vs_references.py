@@ -339,8 +339,8 @@ def refs_evaluate(model, loader, device, iou_types) -> dict[str, list[float]]:
 
 def run_refs(args: argparse.Namespace) -> dict:
     from detfit.data.batching import split_indices
+    from detfit.data.loaders import build_datasets
     from detfit.data.pennfudan import resolve_pennfudan
-    from detfit.engine.builders import build_datasets
     from detfit.engine.trainer import options_for_data, seed_everything
     from detfit.models import build_model
     from detfit.models.registry import iou_types

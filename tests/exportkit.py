@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from detfit.models import build_model, model_info
+from detfit.checkpoint import model_info
+from detfit.models import build_model
 
 CLASSES = ["__background__", "cat", "dog"]
 CATEGORY_IDS = [0, 17, 18]

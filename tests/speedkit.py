@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 
 from conftest import SMALL
+from detfit.checkpoint import load_checkpoint, rebuild_model
 from detfit.config import TrainConfig
 from detfit.data.images import load_rgb
 from detfit.data.rle import encode_masks
-from detfit.engine.checkpoint import load_checkpoint
-from detfit.models import rebuild_model
 from exportkit import tiny_checkpoint, write_images
 
 MODEL = "maskrcnn_mobilenet_v2_fpn"

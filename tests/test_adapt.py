@@ -11,7 +11,7 @@ import yaml
 from conftest import run_main
 from detfit.config import RECIPES, recipe_config
 from detfit.data.adapt import DataSizes, adapt_options
-from detfit.engine.builders import Datasets
+from detfit.data.loaders import Datasets
 from detfit.engine.trainer import adapt_to_data
 
 CPU = RECIPES["cpu"]["model_options"]
@@ -93,8 +93,7 @@ def test_a_run_on_small_objects_records_its_adapted_anchors(tmp_path):
     from detfit.config import TrainConfig
     from detfit.data.synthetic import write_scattered_coco
     from detfit.engine import Trainer
-    from detfit.engine.checkpoint import load_checkpoint
-    from detfit.models import rebuild_model
+    from detfit.checkpoint import load_model
     from detfit.models.options import anchor_generator_of
     from test_trainer import tiny
 
@@ -111,8 +110,7 @@ def test_a_run_on_small_objects_records_its_adapted_anchors(tmp_path):
     )
     saved = yaml.safe_load((run / "config.yaml").read_text())["model_options"]
     assert saved["anchor_sizes"] == [[8, 16], [16, 32], [32, 64], [64, 128]]
-    ckpt = load_checkpoint(run / "best.pt")
-    model = rebuild_model(ckpt["model_info"], ckpt["model"], "best.pt").eval()
+    model = load_model(run).model
     assert anchor_generator_of(model).sizes == ((8, 16), (16, 32), (32, 64), (64, 128))
     assert isinstance(model(torch.rand(1, 3, 200, 300))[0]["boxes"], torch.Tensor)
 

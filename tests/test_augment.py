@@ -16,15 +16,15 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
 from conftest import make_pennfudan, run_main
+from detfit.checkpoint import load_checkpoint
 from detfit.config import TrainConfig
 from detfit.data import PennFudanDataset, collate_fn, train_transforms
 from detfit.data.copy_paste import CopyPaste, paste_objects
+from detfit.data.loaders import build_datasets
 from detfit.data.sampling import PerItemSeed
 from detfit.data.synthetic import write_all_formats
 from detfit.data.transforms import VISIBILITY_KEY, mask_extents, restore_keypoints, to_tv_tensors
 from detfit.engine import Trainer
-from detfit.engine.builders import build_datasets
-from detfit.engine.checkpoint import load_checkpoint
 from detfit.errors import DetfitError
 from test_trainer import SignalAt, assert_same_run, quiet_fit, tiny
 

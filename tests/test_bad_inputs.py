@@ -19,10 +19,10 @@ from PIL import Image
 
 import detfit.fileio as fileio
 from conftest import SMALL, run_main
+from detfit.checkpoint import model_info, save_checkpoint
 from detfit.config import TrainConfig
 from detfit.data.synthetic import make_pennfudan, write_all_formats
-from detfit.engine.checkpoint import save_checkpoint
-from detfit.models import build_model, model_info
+from detfit.models import build_model
 
 MODEL = "maskrcnn_mobilenet_v2_fpn"
 # Settings that keep any run that gets past the checks tiny (none should get that far).
@@ -383,20 +383,20 @@ def test_interrupted_save_keeps_the_old_file_and_stale_temps_are_removed(tmp_pat
 
 def test_image_changed_on_disk_during_training(ws, monkeypatch, capsys):
     """The check passed, then a file broke: the DataLoader worker's error is one line naming it."""
-    import detfit.engine.builders as builders
+    import detfit.data.loaders as loaders
 
     data = ws / "changing"
     if data.exists():
         shutil.rmtree(data)
     shutil.copytree(ws / "pf", data)
-    real_validate = builders.validate
+    real_validate = loaders.validate
 
     def validate_then_break(*args, **kwargs):
         real_validate(*args, **kwargs)
         for image in data.rglob("PNGImages/*.png"):
             truncate(image)
 
-    monkeypatch.setattr(builders, "validate", validate_then_break)
+    monkeypatch.setattr(loaders, "validate", validate_then_break)
     monkeypatch.chdir(ws)
     args = [*TRAIN, "--data-root", "changing", "--workers", "1", "--out", "runs/changing"]
     code, _, err = run_main(monkeypatch, capsys, *args)

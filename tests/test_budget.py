@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 import detfit.engine.budget as budget_module
-import detfit.engine.trainer as trainer_module
+import detfit.eval.assembly as assembly
 from conftest import make_pennfudan, run_main
+from detfit.checkpoint import load_checkpoint
 from detfit.config import SettingsError, TrainConfig, parse_duration
 from detfit.engine import Callback, Trainer
 from detfit.engine.budget import TimeBudget
 from detfit.engine.callbacks import evaluations_since_best
-from detfit.engine.checkpoint import load_checkpoint
 from detfit.errors import DetfitError, Interrupted
 from test_trainer import SignalAt, tiny
 
@@ -52,14 +52,14 @@ def root(tmp_path_factory) -> Path:
 def clock(monkeypatch) -> VirtualClock:
     """The virtual clock; every evaluation advances it 1 s per image it scores."""
     clock = VirtualClock()
-    real = trainer_module.evaluate
+    real = assembly.evaluate
 
     def evaluate(model, loader, *args, **kwargs):
         batches = list(loader)
         clock.now += sum(len(images) for images, _ in batches)
         return real(model, batches, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "evaluate", evaluate)
+    monkeypatch.setattr(assembly, "evaluate", evaluate)
     monkeypatch.setattr(budget_module, "PROBE_ITERS", 2)  # epochs here have 3 iterations
     return clock
 

@@ -18,10 +18,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import run_main
+from detfit.checkpoint import load_checkpoint
 from detfit.cli import app
 from detfit.config import TrainConfig
 from detfit.data.synthetic import make_pennfudan
-from detfit.engine.checkpoint import load_checkpoint
 from detfit.eval.coco import STAT_NAMES
 from detfit.models import MODELS
 
@@ -238,7 +238,7 @@ def test_eval_prints_the_stats(trained_run, tmp_path):
 
 def test_a_run_folder_means_best_pt(trained_run, tmp_path):
     """eval, predict and export read the same file of a run folder: best.pt."""
-    from detfit.engine.checkpoint import run_checkpoint
+    from detfit.checkpoint import run_checkpoint
     from detfit.eval.saved import default_plots_dir
     from detfit.predict.backends import model_file
 

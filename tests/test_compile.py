@@ -16,9 +16,9 @@ import torch
 
 import detfit.models.speedups as speedups
 from conftest import SMALL, run_config
+from detfit.checkpoint import load_checkpoint, rebuild_model
 from detfit.engine import fit
-from detfit.engine.checkpoint import load_checkpoint
-from detfit.models import build_model, rebuild_model
+from detfit.models import build_model
 from detfit.models.speedups import speed_up
 
 CPU = torch.device("cpu")

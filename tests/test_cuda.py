@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 
 from conftest import fit_until_second_evaluation, run_config, run_main
+from detfit.checkpoint import load_checkpoint, rebuild_model
 from detfit.config import TrainConfig
 from detfit.engine import fit
-from detfit.engine.checkpoint import load_checkpoint
-from detfit.models import rebuild_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -72,7 +72,7 @@ def test_pennfudan_goes_through_the_check(tmp_path):
 
 def test_pennfudan_smaller_than_num_test_holds_out_a_fifth(tmp_path):
     from detfit.config import TrainConfig
-    from detfit.engine.builders import build_datasets
+    from detfit.data.loaders import build_datasets
 
     root = make_pennfudan(tmp_path / "pf", num_images=5)
     lines: list[str] = []

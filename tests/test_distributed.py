@@ -19,12 +19,11 @@ import pytest
 import torch
 
 from conftest import FAST_EVAL, REPO, SMALL, TINY, run_config, run_main
+from detfit.checkpoint import load_checkpoint, rebuild_model
 from detfit.config import TrainConfig
 from detfit.data.images import load_rgb
 from detfit.data.rle import encode_masks
 from detfit.engine import fit
-from detfit.engine.checkpoint import load_checkpoint
-from detfit.models import rebuild_model
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not built in"

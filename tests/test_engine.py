@@ -20,16 +20,16 @@ from torch.utils.data import DataLoader, Subset
 
 import detfit.engine.trainer as trainer_module
 from conftest import SMALL, fit_until_second_evaluation, run_config
+from detfit.checkpoint import load_checkpoint, rebuild_model, save_checkpoint
 from detfit.config import TrainConfig
 from detfit.data import PennFudanDataset, collate_fn, eval_transforms
 from detfit.data.synthetic import make_pennfudan
 from detfit.engine import evaluate, fit, train_one_epoch
 from detfit.engine.builders import build_scheduler
-from detfit.engine.checkpoint import load_checkpoint, save_checkpoint
 from detfit.engine.loop import MAX_NONFINITE_STEPS
 from detfit.errors import DetfitError
 from detfit.eval.coco import STAT_NAMES
-from detfit.models import build_model, rebuild_model
+from detfit.models import build_model
 
 LOSS_KEYS = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 

@@ -18,13 +18,13 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from conftest import SMALL, run_main
+from detfit.checkpoint import model_info, save_checkpoint
 from detfit.config import TrainConfig
 from detfit.data.images import load_rgb
+from detfit.data.loaders import build_datasets
 from detfit.data.synthetic import write_all_formats
-from detfit.engine.builders import build_datasets
-from detfit.engine.checkpoint import save_checkpoint
 from detfit.eval.coco import STAT_NAMES
-from detfit.models import build_model, model_info
+from detfit.models import build_model
 
 MODEL = "maskrcnn_mobilenet_v2_fpn"
 FILE_AREAS = (500.0, 3000.0, 12000.0)  # small, medium, large whatever the mask's pixel count
@@ -158,7 +158,7 @@ def test_detfit_eval_equals_pycocotools_on_the_users_file(
     info = model_info(MODEL, 4, classes, dict(SMALL), model)
     save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "model_info": info,
                                            "config": cfg.to_dict()})  # fmt: skip
-    monkeypatch.setattr("detfit.models.rebuild_model", lambda *a, **k: Oracle(by_key, label_of))
+    monkeypatch.setattr("detfit.checkpoint.rebuild_model", lambda *a, **k: Oracle(by_key, label_of))
 
     code, _, err = run_main(
         monkeypatch, capsys, "eval", tmp_path / "best.pt", "--device", "cpu",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import SMALL, TINY, run_main
-from detfit.engine.checkpoint import load_checkpoint
+from detfit.checkpoint import load_checkpoint
 from detfit.export import export_model
 from detfit.export.parity import ImageParity, compare
 from detfit.predict import Predictor

@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 
 from conftest import FAST_EVAL, REPO, SMALL, TINY, run_main
+from detfit.checkpoint import model_info, save_checkpoint
 from detfit.config import TrainConfig
 from detfit.data import DatasetSpec
 from detfit.data.synthetic import write_all_formats
-from detfit.engine.checkpoint import save_checkpoint
-from detfit.models import build_model, model_info
+from detfit.models import build_model
 
 # Runs detfit's CLI after import with the address space capped at what it uses plus MB_EXTRA:
 # torch's import alone reserves gigabytes of address space, so the cap is set afterwards.

@@ -8,9 +8,9 @@ import json
 import pytest
 from torchvision.io import decode_image
 
+from detfit.checkpoint import load_checkpoint
 from detfit.config import recipe_config
 from detfit.engine import fit
-from detfit.engine.checkpoint import load_checkpoint
 from detfit.models.weights import cached_weights_path
 from detfit.predict import predict_files
 

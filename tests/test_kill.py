@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SMALL
-from detfit.engine.checkpoint import load_checkpoint
+from detfit.checkpoint import load_checkpoint
 
 
 def start(args: list) -> subprocess.Popen:

@@ -23,17 +23,17 @@ from pycocotools.coco import COCO
 
 import test_eval_ground_truth as gt_test
 from conftest import REPO, SMALL, run_config, run_main
+from detfit.checkpoint import model_info, save_checkpoint
 from detfit.config import SettingsError, TrainConfig, settings_table
 from detfit.data.images import load_rgb
+from detfit.data.loaders import build_datasets
 from detfit.data.synthetic import write_all_formats
 from detfit.engine import Trainer
-from detfit.engine.builders import build_datasets
-from detfit.engine.checkpoint import save_checkpoint
-from detfit.engine.trainer import RESUMABLE
+from detfit.engine.run_folder import RESUMABLE
 from detfit.eval import coco as coco_module
 from detfit.eval.backends import backend_names, check_backend, default_backend, metric_backend
 from detfit.eval.coco import KEYPOINT_STAT_NAMES, STAT_NAMES, CocoEvaluator
-from detfit.models import build_model, model_info
+from detfit.models import build_model
 from test_eval_coco import empty_outputs, ground_truth_as_outputs, imperfect_outputs, make_targets
 
 BACKENDS = ("pycocotools", "faster-coco-eval")
@@ -380,7 +380,7 @@ def coco_checkpoint(tmp_path, monkeypatch):
         path, {"model": model.state_dict(), "model_info": info, "config": cfg.to_dict()}
     )
     monkeypatch.setattr(
-        "detfit.models.rebuild_model", lambda *a, **k: gt_test.Oracle(by_key, label_of)
+        "detfit.checkpoint.rebuild_model", lambda *a, **k: gt_test.Oracle(by_key, label_of)
     )
     return path
 

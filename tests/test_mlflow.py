@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import run_config
+from detfit.checkpoint import load_checkpoint
 from detfit.engine import Trainer
-from detfit.engine.checkpoint import load_checkpoint
 from detfit.engine.mlflow_logger import (
     MLflowLogger,
     flat_settings,

@@ -22,9 +22,10 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import TINY
+from detfit.checkpoint import model_info, rebuild_model
 from detfit.data import PennFudanDataset, eval_transforms
 from detfit.errors import DetfitError
-from detfit.models import MODELS, build_model, model_info, rebuild_model
+from detfit.models import MODELS, build_model
 from detfit.models.class_layers import CLASS_DEPENDENT_PREFIXES
 from detfit.models.weights import cached_weights_path, load_state_dict_file, weights_filename
 

@@ -20,9 +20,10 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conftest import FAST_EVAL, TINY
+from detfit.checkpoint import model_info, rebuild_model
 from detfit.data import PennFudanDataset, eval_transforms
 from detfit.errors import DetfitError
-from detfit.models import MODELS, build_model, model_info, rebuild_model
+from detfit.models import MODELS, build_model
 from detfit.models.class_layers import class_dependent_modules
 from detfit.models.registry import TORCHVISION
 from detfit.models.weights import weights_filename

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from conftest import run_config, run_main
+from detfit.checkpoint import load_checkpoint
 from detfit.engine import fit
-from detfit.engine.checkpoint import load_checkpoint
 from detfit.engine.loop import NOT_LOSSES, LossMeter
 from detfit.eval.coco import STAT_NAMES, CocoEvaluator
 from detfit.eval.confusion import best_f1_threshold, confusion_matrix

@@ -12,9 +12,9 @@ from torchvision.ops import roi_align as torchvision_roi_align
 
 import detfit.models.precision as precision
 from conftest import SMALL, run_config, run_main
+from detfit.checkpoint import load_checkpoint
 from detfit.config import TrainConfig
 from detfit.engine import fit
-from detfit.engine.checkpoint import load_checkpoint
 from detfit.errors import DetfitError
 from detfit.models import build_model
 from detfit.models.precision import autocast, autocast_dtype, keep_fp32_where_needed

@@ -18,9 +18,10 @@ from pycocotools.cocoeval import COCOeval
 
 from conftest import SMALL, run_main
 from detfit import Predictor
+from detfit.checkpoint import strip_checkpoint
 from detfit.config import TrainConfig
 from detfit.data.synthetic import write_all_formats
-from detfit.export import export_model, strip_checkpoint
+from detfit.export import export_model
 from detfit.predict.overlay import PALETTE, draw_prediction, instance_colour, text_size
 
 

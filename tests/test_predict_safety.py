@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from conftest import SMALL, run_main
+from detfit.checkpoint import model_info, save_checkpoint
 from detfit.config import TrainConfig
-from detfit.engine.checkpoint import save_checkpoint
-from detfit.models import build_model, model_info
+from detfit.models import build_model
 from detfit.predict import predict_inputs
 
 MODEL = "maskrcnn_mobilenet_v2_fpn"

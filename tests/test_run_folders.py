@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_config, run_main
+from detfit.checkpoint import load_checkpoint
 from detfit.config import TrainConfig
 from detfit.data.synthetic import make_pennfudan
 from detfit.engine import Trainer
-from detfit.engine.checkpoint import load_checkpoint
 from detfit.engine.runlock import RunLock
 
 

@@ -329,9 +329,10 @@ def test_prediction_counts_per_class_from_tracks():
 def untrained_checkpoint(path: Path, coco: Path) -> Path:
     """A tiny Mask R-CNN with random weights and every candidate kept, as a checkpoint of a
     run on ``coco`` (no training: it is scored, not judged)."""
+    from detfit.checkpoint import model_info
     from detfit.config import TrainConfig
-    from detfit.engine.builders import build_datasets
-    from detfit.models import build_model, model_info
+    from detfit.data.loaders import build_datasets
+    from detfit.models import build_model
 
     options = {**SMALL, "box_score_thresh": 0.0, "box_detections_per_img": 20}
     cfg = TrainConfig(

@@ -15,9 +15,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import test_models
 from conftest import SMALL, run_config
+from detfit.checkpoint import rebuild_model
 from detfit.config import SPEED_UPS_OFF, TrainConfig
 from detfit.engine.builders import build_optimizer
-from detfit.models import build_model, rebuild_model
+from detfit.models import build_model
 from detfit.models.roi_align import SparseMultiScaleRoIAlign
 from detfit.models.speedups import (
     FoldedAway,
@@ -205,8 +206,8 @@ def test_fused_optimizer_step_equals_the_per_tensor_step(optimizer):
 
 
 def test_trainer_runs_sped_up_and_saves_the_plain_model(synthetic_root, tmp_path, mobilenet_file):
+    from detfit.checkpoint import load_checkpoint
     from detfit.engine.callbacks import Callback
-    from detfit.engine.checkpoint import load_checkpoint
     from detfit.engine.trainer import Trainer
 
     class Losses(Callback):

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import REPO, make_pennfudan, run_config, run_main
+from detfit.checkpoint import load_checkpoint
 from detfit.config import TrainConfig
 from detfit.data.sampling import EpochBatches, PerItemSeed, ShardBatches
 from detfit.engine import Callback, Trainer
-from detfit.engine.checkpoint import load_checkpoint
 from detfit.errors import DetfitError, Interrupted
 
 
@@ -350,7 +350,7 @@ def test_per_item_seeds_do_not_depend_on_the_callers_rng():
 
 def test_a_recipes_options_adapt_to_the_model_and_the_data():
     from detfit.config import recipe_config
-    from detfit.engine.builders import Datasets
+    from detfit.data.loaders import Datasets
     from detfit.engine.trainer import options_for_data
 
     crowded = Datasets(None, None, ["__background__", "a"], max_objects=101)

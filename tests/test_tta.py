@@ -11,9 +11,8 @@ import torch
 
 from conftest import run_config, run_main
 from detfit import Predictor
+from detfit.checkpoint import load_checkpoint, rebuild_model
 from detfit.engine import fit
-from detfit.engine.checkpoint import load_checkpoint
-from detfit.models import rebuild_model
 from detfit.models.tta import TTA, fuse, tta_predict
 
 

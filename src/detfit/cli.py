@@ -519,7 +519,8 @@ def export(
     ] = 0.01,
 ) -> None:
     """Export to ONNX or TorchScript (dynamic height/width, classes inside) with a parity check."""
-    from detfit.export import ParityError, export_model, strip_checkpoint
+    from detfit.checkpoint import strip_checkpoint
+    from detfit.export import ParityError, export_model
 
     if strip:
         if file is None:
@@ -697,7 +698,7 @@ def data_show(
     from detfit.plots.dataset import show_augmented, show_dataset
 
     if out is None:
-        from detfit.engine.trainer import new_run_dir
+        from detfit.engine.run_folder import new_run_dir
 
         out = new_run_dir("data-show")
     paths = show_dataset(dataset, out, n=n, split=split, seed=seed)

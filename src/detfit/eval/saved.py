@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from detfit import distributed
 from detfit.errors import DetfitError
+from detfit.eval.assembly import evaluate_run, prepare_model
 from detfit.eval.backends import check_backend
-from detfit.eval.loop import EvaluationResult, evaluate
+from detfit.eval.loop import EvaluationResult
 
 if TYPE_CHECKING:
     from detfit.predict.slicing import Slicing
@@ -50,14 +51,9 @@ def evaluate_checkpoint(
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
     """
+    from detfit.checkpoint import load_model
     from detfit.config import TrainConfig
-    from detfit.engine.builders import build_datasets, build_loaders
-    from detfit.engine.checkpoint import load_checkpoint, run_checkpoint
-    from detfit.models import iou_types as model_iou_types
-    from detfit.models import rebuild_model
-    from detfit.models.precision import autocast_dtype, keep_fp32_where_needed
-    from detfit.models.speedups import speed_up
-    from detfit.models.tta import tta_views
+    from detfit.data.loaders import build_datasets, build_loaders
 
     if backend is not None:
         check_backend(backend, "--backend")  # before the (slow) checkpoint is read
@@ -65,8 +61,13 @@ def evaluate_checkpoint(
         from detfit.predict.predictor import TTA_WITH_SLICES
 
         raise DetfitError(TTA_WITH_SLICES)
-    ckpt = load_checkpoint(run_checkpoint(checkpoint))
-    cfg = TrainConfig.from_dict(ckpt["config"], str(checkpoint))
+    dev = distributed.resolve_device(device)
+    loaded = load_model(checkpoint, dev)
+    if loaded.config is None:
+        raise DetfitError(
+            f"{loaded.path}: holds no run settings (config), so nothing says what data to score"
+        )
+    cfg = TrainConfig.from_dict(loaded.config, str(checkpoint))
     if data_root:
         cfg.data_root = str(data_root)
     if data:
@@ -75,56 +76,39 @@ def evaluate_checkpoint(
         cfg.eval_backend = backend
     if precision is not None:
         cfg.precision = precision
-    dev = distributed.resolve_device(device)
     main = distributed.is_main
     with distributed.process_group(dev):
         with distributed.main_first():
             datasets = build_datasets(
                 cfg, log=lambda line: None, held_out="all" if data else "test"
             )
-        classes = ckpt["model_info"].get("classes")
+        classes = loaded.classes
         if classes and datasets.classes != classes:
             raise DetfitError(
                 f"{cfg.dataset}: classes {datasets.classes[1:]} differ from the checkpoint's "
                 f"{classes[1:]}"
             )
         loaders = build_loaders(cfg, datasets, distributed.rank(), distributed.world_size())
-        model = rebuild_model(ckpt["model_info"], ckpt["model"], str(checkpoint)).to(dev)
-        speed_up(
-            model,
-            dev,
-            fold_frozen_bn=cfg.fold_frozen_bn,
-            memory_format=cfg.memory_format,
-            sparse_roi_align=cfg.sparse_roi_align,
-            compile=cfg.compile,
-        )
-        dtype = autocast_dtype(
-            cfg.precision, dev, amp=cfg.amp, log=log if main() else lambda line: None
-        )
-        if dtype is not None:
-            keep_fp32_where_needed(model)
+        model = loaded.model
+        dtype = prepare_model(model, cfg, dev, log if main() else lambda line: None)
         source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
         scored = f"{SCORED[datasets.held_out]}{source}"
         if slicing is not None:
-            from detfit.predict.slicing import SlicedModel
-
             scored += f", sliced in {slicing.size} px tiles"
             scored += "" if slicing.full else " (no whole-image pass)"
         if main():  # only now: a checkpoint that does not load is one line, this one is not
             log(f"scoring {len(datasets.test)} images: {scored}")
-        result = evaluate(
-            model if slicing is None else SlicedModel(model, slicing),
+        result = evaluate_run(
+            model,
             loaders.test,
+            cfg,
             dev,
             classes=datasets.classes,
-            progress=progress,
-            verbose=False,
-            backend=cfg.eval_backend,
-            tta=tta_views(
-                cfg.tta if tta is None else tta, ckpt["model_info"].get("keypoint_names")
-            ),
+            keypoint_names=loaded.keypoint_names,
             autocast_dtype=dtype,
-            iou_types=model_iou_types(model),
+            progress=progress,
+            tta=tta,
+            slicing=slicing,
         )
         if main() and verbose:
             for iou_type, coco_eval in result.coco_eval.items():
@@ -146,7 +130,7 @@ def evaluate_checkpoint(
 def default_plots_dir(checkpoint: str | Path) -> Path:
     """``eval-<name>`` beside the checkpoint scored (a run folder: its best.pt, or last.pt before
     any epoch was best), e.g. ``runs/x/eval-best/``."""
-    from detfit.engine.checkpoint import run_checkpoint
+    from detfit.checkpoint import run_checkpoint
 
     path = run_checkpoint(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint)
     return path.parent / f"eval-{path.stem}"

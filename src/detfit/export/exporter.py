@@ -18,7 +18,7 @@ from detfit.export.formats import FORMATS, SUFFIXES, metadata, output_keys, to_o
 from detfit.export.parity import HEADER, ImageParity, compare
 from detfit.export.transform import for_export
 from detfit.fileio import atomic_write
-from detfit.predict.backends import EagerRunner, load_backend, model_file
+from detfit.predict.backends import EagerRunner, load_backend
 
 # Measured refusals (README "Predict and export"): the exported graph is wrong at every size.
 REFUSED = {
@@ -43,30 +43,11 @@ def family(name: str) -> str:
     )
 
 
-def _load(source: str | Path) -> tuple[Path, dict[str, Any]]:
-    from detfit.engine.checkpoint import load_checkpoint
-
-    path = model_file(source)
-    return path, load_checkpoint(path)
-
-
-def strip_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, int, int]:
-    """Keep what eval/predict/export need (weights, model_info, config); drop optimizer state,
-    schedules, RNG and EMA's raw weights. Returns (out, bytes before, bytes after)."""
-    from detfit.engine.checkpoint import INFERENCE_KEYS
-
-    path, ckpt = _load(source)
-    small = {k: ckpt[k] for k in INFERENCE_KEYS if k in ckpt}
-    out = Path(out)
-    atomic_write(out, lambda f: torch.save(small, f))
-    return out, path.stat().st_size, out.stat().st_size
-
-
 def test_split_images(config: dict[str, Any], count: int) -> list[tuple[str, torch.Tensor]]:
     """Up to ``count`` images of distinct sizes from the run's test split; none when the data
     is not at hand."""
     from detfit.config import TrainConfig
-    from detfit.engine.builders import build_datasets
+    from detfit.data.loaders import build_datasets
 
     try:
         cfg = TrainConfig.from_dict(config, "checkpoint config")
@@ -109,7 +90,7 @@ def export_model(
     ``calibration_images`` (default: the run's training split), and replaces the parity check by
     an accuracy check (``export.quantize``): AP of int8 and fp32 on the run's test split, both
     logged; AccuracyError (nothing written) when int8 is more than ``max_ap_drop`` below."""
-    from detfit.models import rebuild_model
+    from detfit.checkpoint import load_model
 
     if fmt not in FORMATS:
         raise DetfitError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
@@ -119,22 +100,21 @@ def export_model(
         raise DetfitError(f"--max-ap-drop {max_ap_drop}: must be a number (AP points, e.g. 0.01)")
     if quantize and fmt != "onnx":
         raise DetfitError(f"--quantize int8: ONNX Runtime quantizes ONNX models, not {fmt}")
-    path, ckpt = _load(source)
-    info = ckpt["model_info"]
+    loaded = load_model(source, "cpu")
+    path, info, config, model = loaded.path, loaded.info, loaded.config, loaded.model
     reason = REFUSED.get((family(info["name"]), fmt))
     if reason:
         raise DetfitError(f"{info['name']}: cannot export to {fmt}: {reason}")
     suffix = (".int8" if quantize else "") + SUFFIXES[fmt]
     out = Path(out) if out else path.with_name(path.name.removesuffix(".pt") + suffix)
-    samples = file_images(images) if images else test_split_images(ckpt["config"], MIN_IMAGES)
+    samples = file_images(images) if images else test_split_images(config, MIN_IMAGES)
     if quantize:
-        calibration = _calibration_images(calibration_images, ckpt["config"], path)
+        calibration = _calibration_images(calibration_images, config, path)
     elif check and not samples:
         raise DetfitError(
             f"{path}: the checkpoint's data is not at hand to check parity; give --images "
             f"(4 or more of different sizes) or --no-check"
         )
-    model = rebuild_model(info, ckpt["model"], str(path)).eval()
     example = samples[0][1] if samples else torch.rand(3, 480, 640)
     keys = output_keys(model, example)
     meta = metadata(info, fmt, keys)
@@ -149,7 +129,7 @@ def export_model(
     partial = out.with_name(f".{out.name}.partial{out.suffix}")
     atomic_write(partial, lambda f: f.write(data))
     if quantize:
-        _write_int8(partial, out, calibration, info, ckpt["config"], check, max_ap_drop, log)
+        _write_int8(partial, out, calibration, info, config, check, max_ap_drop, log)
         return out, []
     try:
         report = check_parity(model, partial, samples, log) if check else []

@@ -162,7 +162,7 @@ def check_accuracy(
 
 def _datasets(config: dict[str, Any]):
     from detfit.config import TrainConfig
-    from detfit.engine.builders import build_datasets
+    from detfit.data.loaders import build_datasets
 
     try:
         cfg = TrainConfig.from_dict(config, "checkpoint config")

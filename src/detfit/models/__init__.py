@@ -8,8 +8,6 @@ from detfit.models.registry import (
     get_spec,
     inapplicable_options,
     iou_types,
-    model_info,
-    rebuild_model,
 )
 
 __all__ = [
@@ -19,6 +17,4 @@ __all__ = [
     "get_spec",
     "inapplicable_options",
     "iou_types",
-    "model_info",
-    "rebuild_model",
 ]

@@ -10,7 +10,6 @@ ImageNet-only backbone with ``weights=None``). The CLI, the config, checkpoints 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -205,89 +204,3 @@ def build_model(
         weights_backbone=weights_backbone,
         **{**spec.defaults, **options},
     )
-
-
-def model_info(
-    name: str, num_classes: int, classes: list[str] | None, options: dict, model: nn.Module
-) -> dict:
-    """Everything needed to rebuild ``model`` from a checkpoint alone."""
-    from detfit.models.structure import describe_structure
-
-    return {
-        "name": name,
-        "num_classes": num_classes,
-        "classes": list(classes) if classes else None,
-        "options": dict(options),
-        "structure": describe_structure(model),
-    }
-
-
-# Options that only select pretrained rows: a rebuild from a checkpoint has no pretrained file.
-PRETRAINED_ONLY = ("keep_classes", "keep_keypoints")
-
-
-def rebuild_model(
-    info: dict, state_dict: dict | None = None, source: str = "checkpoint"
-) -> nn.Module:
-    """The exact architecture recorded by :func:`model_info`, with no pretrained file needed.
-
-    A ``model_info`` that does not build, or weights that do not fit what it describes (a
-    hand-edited or mixed-up checkpoint), is a DetfitError naming ``source`` (the file).
-    """
-    from detfit.models.structure import apply_structure
-
-    if not (
-        isinstance(info, dict)
-        and isinstance(info.get("name"), str)
-        and isinstance(info.get("num_classes"), int)
-        and isinstance(info.get("options", {}), dict)
-        and isinstance(info.get("structure", {}), dict)
-    ):
-        raise DetfitError(f"{source}: model_info is incomplete (name, num_classes, options)")
-    options = {k: v for k, v in info.get("options", {}).items() if k not in PRETRAINED_ONLY}
-    if info.get("options", {}).get("keep_keypoints") and "num_keypoints" not in options:
-        options["num_keypoints"] = len(info["options"]["keep_keypoints"])
-    try:
-        with warnings.catch_warnings():
-            # "trainable layers has no effect" when built from scratch
-            warnings.simplefilter("ignore", UserWarning)
-            model = build_model(
-                info["name"], info["num_classes"], weights=None, weights_backbone=None, **options
-            )
-        apply_structure(model, info.get("structure", {}))
-    except DetfitError as exc:
-        raise DetfitError(f"{source}: its model_info does not build ({exc})") from None
-    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DetfitError(f"{source}: its model_info does not build ({first})") from None
-    if state_dict is not None:
-        load_weights(model, state_dict, f"{source}: its weights do not fit {info['name']}")
-    return model
-
-
-def load_weights(model: nn.Module, state_dict: Any, what: str) -> None:
-    """``model.load_state_dict`` with a one-line DetfitError (``what``: ...) when they differ."""
-    import torch
-
-    if not isinstance(state_dict, dict):
-        raise DetfitError(f"{what} (the weights are not a state dict)")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [
-        k
-        for k in own
-        if k in state_dict
-        and not (isinstance(state_dict[k], torch.Tensor) and state_dict[k].shape == own[k].shape)
-    ]
-    differences = []
-    for keys, kind in ((missing, "missing"), (unexpected, "unexpected"), (shapes, "other shape")):
-        if keys:
-            differences.append(f"{len(keys)} {kind}, e.g. {keys[0]}")
-    if differences:
-        raise DetfitError(f"{what} ({'; '.join(differences)})")
-    try:
-        model.load_state_dict(state_dict)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DetfitError(f"{what} ({first})") from None

@@ -157,8 +157,8 @@ def show_augmented(
     with their targets after augmentation. Returns the file."""
     from detfit.config import TrainConfig
     from detfit.data.copy_paste import CopyPaste
+    from detfit.data.loaders import build_datasets
     from detfit.data.sampling import PerItemSeed
-    from detfit.engine.builders import build_datasets
 
     cfg = TrainConfig.from_dict({**settings, "dataset": spec, "seed": seed})
     data = build_datasets(cfg, log=lambda line: None)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from detfit.checkpoint import is_torchscript, run_checkpoint
 from detfit.distributed import resolve_device
-from detfit.engine.checkpoint import is_torchscript
 from detfit.errors import DetfitError
 
 Output = dict[str, torch.Tensor]
@@ -93,8 +93,6 @@ class OnnxRunner:
 
 def model_file(path: str | Path) -> Path:
     """A run folder means its best.pt (last.pt when no epoch was best yet), as for eval."""
-    from detfit.engine.checkpoint import run_checkpoint
-
     path = run_checkpoint(path)
     if not path.is_file():
         raise DetfitError(f"{path}: model file not found")
@@ -132,16 +130,13 @@ def load_backend(
         raise DetfitError(
             f"{path}: not a model file (expected a detfit .pt checkpoint, TorchScript or .onnx)"
         )
-    from detfit.engine.checkpoint import load_checkpoint
-    from detfit.models import rebuild_model
+    from detfit.checkpoint import load_model
     from detfit.models.precision import autocast_dtype
 
-    ckpt = load_checkpoint(path)
     dev = resolve_device(device)
+    loaded = load_model(path, dev)
     dtype = autocast_dtype(precision, dev, log=lambda line: print(line, file=sys.stderr))
-    model = rebuild_model(ckpt["model_info"], ckpt["model"], str(path))
-    runner = EagerRunner(model, dev, dtype)
-    return Backend(path, "checkpoint", dict(ckpt["model_info"]), dev, runner)
+    return Backend(path, "checkpoint", loaded.info, dev, EagerRunner(loaded.model, dev, dtype))
 
 
 def _load_torchscript(path: Path, device: str) -> Backend:
