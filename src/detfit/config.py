@@ -565,6 +565,19 @@ class TrainConfig(BaseModel):
         return cls.from_dict(load_settings(path), str(path))
 
 
+def check_setting(name: str, value: Any, source: str | None = None) -> Any:
+    """``value`` as setting ``name`` takes it (checked by the same rules as a config file), for a
+    value that arrives on its own, e.g. ``detfit eval --backend``; a problem is one SettingsError
+    line naming ``source`` (default: the setting). The one validator of a setting's value."""
+    cfg = TrainConfig.model_construct()
+    try:
+        BaseModel.__setattr__(cfg, name, value)
+    except ValidationError as exc:
+        line = describe_errors(exc, {name: value})
+        raise SettingsError(f"{source or name}{line.removeprefix(name)}") from None
+    return getattr(cfg, name)
+
+
 def load_settings(path: str | Path) -> dict[str, Any]:
     """A settings file as plain data, not yet validated (so that overrides can still fix it)."""
     from detfit.yamlio import load_yaml

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from detfit import distributed
 from detfit.errors import DetfitError
-from detfit.eval.backends import check_backend
 from detfit.eval.loop import EvaluationResult, evaluate
 
 if TYPE_CHECKING:
@@ -50,7 +49,7 @@ def evaluate_checkpoint(
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
     """
-    from detfit.config import TrainConfig
+    from detfit.config import TrainConfig, check_setting
     from detfit.engine.builders import build_datasets, build_loaders
     from detfit.engine.checkpoint import load_checkpoint, run_checkpoint
     from detfit.models import iou_types as model_iou_types
@@ -60,7 +59,7 @@ def evaluate_checkpoint(
     from detfit.models.tta import tta_views
 
     if backend is not None:
-        check_backend(backend, "--backend")  # before the (slow) checkpoint is read
+        check_setting("eval_backend", backend, "--backend")  # before the (slow) checkpoint is read
     if tta and slicing is not None:
         from detfit.predict.predictor import TTA_WITH_SLICES
 
