@@ -173,20 +173,14 @@ class ModelOptions(TypedDict, total=False):
     ]
 
 
-# Builder keywords that are options but not in any torchvision constructor's signature.
-_BUILDER_OPTIONS = {"trainable_backbone_layers", "num_levels", "fpn_channels", "size"}
-
-
 @functools.cache
 def known_model_options() -> frozenset[str]:
-    """Every option name some model takes: detfit's and every torchvision constructor's."""
-    import inspect
+    """Every option name some model takes (the union of the registry's per-model options)."""
+    from detfit.models.registry import MODELS
 
-    from detfit.models.options import BUILDER_SET, CLASSES, POST_BUILD
-
-    names = set(ModelOptions.__annotations__) | _BUILDER_OPTIONS | set(POST_BUILD)
-    for cls in CLASSES.values():
-        names |= set(inspect.signature(cls.__init__).parameters) - BUILDER_SET
+    names = set(ModelOptions.__annotations__)
+    for spec in MODELS.values():
+        names |= spec.options
     return frozenset(names)
 
 

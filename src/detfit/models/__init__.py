@@ -6,9 +6,9 @@ from detfit.models.registry import (
     ModelSpec,
     build_model,
     get_spec,
-    inapplicable_options,
     iou_types,
     model_info,
+    options_not_taken,
     rebuild_model,
 )
 
@@ -17,7 +17,7 @@ __all__ = [
     "ModelSpec",
     "build_model",
     "get_spec",
-    "inapplicable_options",
+    "options_not_taken",
     "iou_types",
     "model_info",
     "rebuild_model",
