@@ -341,8 +341,9 @@ def run_refs(args: argparse.Namespace) -> dict:
     from detfit.data.batching import split_indices
     from detfit.data.loaders import build_datasets
     from detfit.data.pennfudan import resolve_pennfudan
-    from detfit.engine.trainer import options_for_data, seed_everything
+    from detfit.engine.trainer import seed_everything
     from detfit.models import build_model
+    from detfit.models.policy import options_for_data
     from detfit.models.registry import iou_types
 
     cfg = shared_config(args)

@@ -90,10 +90,10 @@ def test_a_run_on_small_objects_records_its_adapted_anchors(tmp_path):
     rebuilt from best.pt has them."""
     import torch
 
+    from detfit.checkpoint import load_model
     from detfit.config import TrainConfig
     from detfit.data.synthetic import write_scattered_coco
     from detfit.engine import Trainer
-    from detfit.checkpoint import load_model
     from detfit.models.options import anchor_generator_of
     from test_trainer import tiny
 

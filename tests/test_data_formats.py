@@ -32,7 +32,7 @@ from detfit.data.synthetic import COCO_CATEGORY_IDS, SYNTHETIC_CLASSES, write_al
 from detfit.engine import fit
 from detfit.errors import DetfitError
 from detfit.eval.coco import CocoEvaluator
-from detfit.predict import predict_files
+from detfit.predict import predict_inputs
 
 MASK_FORMATS = {"coco", "yolo-seg", "masks"}
 
@@ -552,7 +552,9 @@ def test_multiclass_training_in_every_format(formats, name, tmp_path, monkeypatc
         return drawn[-1]
 
     monkeypatch.setattr(overlay_module, "label_text", spy)
-    written = predict_files(run / "last.pt", images, tmp_path / "pred", score_threshold=0.0)
+    written = predict_inputs(
+        run / "last.pt", images, tmp_path / "pred", score_threshold=0.0, progress=False
+    ).written
     assert drawn and all(label.split()[0] in SYNTHETIC_CLASSES for label in drawn)
     assert all(p.stat().st_size > 0 for p in written if p.suffix == ".png")
     record = json.loads(next(p for p in written if p.suffix == ".json").read_text())

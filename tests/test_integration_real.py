@@ -12,7 +12,7 @@ from detfit.checkpoint import load_checkpoint
 from detfit.config import recipe_config
 from detfit.engine import fit
 from detfit.models.weights import cached_weights_path
-from detfit.predict import predict_files
+from detfit.predict import predict_inputs
 
 
 @pytest.mark.slow
@@ -42,7 +42,9 @@ def test_cpu_recipe_on_real_pennfudan(real_root, tmp_path):
     assert ckpt["config"]["max_iters_per_epoch"] == 3
 
     image = real_root / "PNGImages" / "FudanPed00001.png"
-    written = predict_files(run / "best.pt", [image], tmp_path / "pred", score_threshold=0.0)
+    written = predict_inputs(
+        run / "best.pt", [image], tmp_path / "pred", score_threshold=0.0, progress=False
+    ).written
     overlay = decode_image(str(tmp_path / "pred" / "FudanPed00001.png"))
     assert overlay.shape == decode_image(str(image)).shape
     record = json.loads((tmp_path / "pred" / "FudanPed00001.json").read_text())

@@ -24,14 +24,14 @@ from pycocotools.coco import COCO
 import test_eval_ground_truth as gt_test
 from conftest import REPO, SMALL, run_config, run_main
 from detfit.checkpoint import model_info, save_checkpoint
-from detfit.config import SettingsError, TrainConfig, settings_table
+from detfit.config import SettingsError, TrainConfig, check_setting, settings_table
 from detfit.data.images import load_rgb
 from detfit.data.loaders import build_datasets
 from detfit.data.synthetic import write_all_formats
 from detfit.engine import Trainer
 from detfit.engine.run_folder import RESUMABLE
 from detfit.eval import coco as coco_module
-from detfit.eval.backends import backend_names, check_backend, default_backend, metric_backend
+from detfit.eval.backends import backend_names, default_backend, metric_backend
 from detfit.eval.coco import KEYPOINT_STAT_NAMES, STAT_NAMES, CocoEvaluator
 from detfit.models import build_model
 from test_eval_coco import empty_outputs, ground_truth_as_outputs, imperfect_outputs, make_targets
@@ -276,9 +276,9 @@ def test_unknown_backend_is_refused_with_a_suggestion():
     ):
         TrainConfig(eval_backend="pycoco")
     with pytest.raises(SettingsError, match="did you mean 'faster-coco-eval'"):
-        check_backend("faster_coco_eval")
+        metric_backend("faster_coco_eval")
     with pytest.raises(SettingsError, match="--backend='x'"):
-        check_backend("x", "--backend")
+        check_setting("eval_backend", "x", "--backend")
     with pytest.raises(SettingsError, match="eval_backend='x'"):
         CocoEvaluator(backend="x")
     cfg = TrainConfig()

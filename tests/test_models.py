@@ -488,3 +488,35 @@ def test_mask_levels_pools_masks_from_the_finest_levels_only(synthetic_root):
         build_model("maskrcnn_mobilenet_v2_fpn", 2, weights_backbone=None, mask_levels=4, **options)
     with pytest.raises(DetfitError, match="are Mask R-CNN options"):
         build_model("fasterrcnn_mobilenet_v2_fpn", 2, weights_backbone=None, mask_levels=1)
+
+
+def test_each_spec_states_the_options_it_takes():
+    from detfit.config import known_model_options
+    from detfit.models import options_not_taken
+
+    probes = ("fpn_channels", "mask_head_norm", "size", "anchor_sizes", "num_keypoints")
+    probes += ("keep_classes", "min_size")
+
+    def takes(name: str) -> set[str]:
+        return {k for k in probes if MODELS[name].takes(k)}
+
+    assert takes("maskrcnn_mobilenet_v2_fpn") == {
+        "fpn_channels", "mask_head_norm", "anchor_sizes", "min_size"
+    }  # fmt: skip
+    assert takes("fasterrcnn_mobilenet_v2") == {"anchor_sizes", "min_size"}  # no FPN, no masks
+    assert takes("maskrcnn_resnet50_fpn") == {"anchor_sizes", "keep_classes", "min_size"}
+    assert takes("keypointrcnn_resnet50_fpn") == {
+        "anchor_sizes", "keep_classes", "min_size", "num_keypoints"
+    }  # fmt: skip
+    assert takes("ssdlite320_mobilenet_v3_large") == {"size", "keep_classes"}
+    assert takes("ssd300_vgg16") == {"keep_classes"}  # VGG fixes 300 px; default boxes fixed
+    # R-CNNs take the plain and the box_ name of a detection setting
+    assert MODELS["fasterrcnn_resnet50_fpn"].takes("detections_per_img")
+    assert MODELS["fasterrcnn_resnet50_fpn"].takes("box_detections_per_img")
+    assert not MODELS["retinanet_resnet50_fpn"].takes("box_detections_per_img")
+    cpu = {"fpn_channels": 128, "mask_head_channels": 256, "box_batch_size_per_image": 64}
+    assert options_not_taken("retinanet_resnet18_fpn", cpu) == [
+        "mask_head_channels", "box_batch_size_per_image"
+    ]  # fmt: skip
+    # the names the settings accept are exactly those some model takes
+    assert known_model_options() == frozenset().union(*(s.options for s in MODELS.values()))

@@ -351,7 +351,7 @@ def test_per_item_seeds_do_not_depend_on_the_callers_rng():
 def test_a_recipes_options_adapt_to_the_model_and_the_data():
     from detfit.config import recipe_config
     from detfit.data.loaders import Datasets
-    from detfit.engine.trainer import options_for_data
+    from detfit.models.policy import options_for_data
 
     crowded = Datasets(None, None, ["__background__", "a"], max_objects=101)
     logs: list[str] = []

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from detfit.errors import DetfitError
+from detfit.predict.defaults import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP, DEFAULT_SCORE_THRESHOLD
 
 # Help texts are plain text: rich markup would eat "[tensorboard]" in "pip install
 # 'detfit[tensorboard]'". -h is --help everywhere.
@@ -276,7 +277,7 @@ def eval_(
     ] = None,
     precision: Precision = None,
     slice_: SliceSize = None,
-    overlap: SliceOverlap = 0.2,
+    overlap: SliceOverlap = DEFAULT_OVERLAP,
     slice_full: SliceFull = True,
 ) -> None:
     """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type, and
@@ -400,12 +401,12 @@ def predict(
     ] = None,
     score_threshold: Annotated[
         float, typer.Option(help="Keep detections scoring at least this.")
-    ] = 0.5,
+    ] = DEFAULT_SCORE_THRESHOLD,
     classes: Annotated[
         list[str],
         typer.Option("--classes", help="Keep only these classes (names or category ids)."),
     ] = [],  # noqa: B006
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = DEFAULT_BATCH_SIZE,
     coco_json: Annotated[
         Path | None,
         typer.Option("--coco-json", help="Also write every image's detections as COCO results."),
@@ -424,7 +425,7 @@ def predict(
     ] = False,
     precision: Precision = None,
     slice_: SliceSize = None,
-    overlap: SliceOverlap = 0.2,
+    overlap: SliceOverlap = DEFAULT_OVERLAP,
     slice_full: SliceFull = True,
     track: Annotated[
         bool,
@@ -573,9 +574,11 @@ def serve(
     cors: Annotated[
         list[str], typer.Option("--cors", metavar="ORIGIN", help="Allow this browser origin.")
     ] = [],  # noqa: B006
-    score_threshold: Annotated[float, typer.Option(help="Default of a request.")] = 0.5,
+    score_threshold: Annotated[
+        float, typer.Option(help="Default of a request.")
+    ] = DEFAULT_SCORE_THRESHOLD,
     slice_: SliceSize = None,
-    overlap: SliceOverlap = 0.2,
+    overlap: SliceOverlap = DEFAULT_OVERLAP,
     slice_full: SliceFull = True,
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/predict, GET /v1/model, /health, /metrics and a web page

@@ -173,20 +173,14 @@ class ModelOptions(TypedDict, total=False):
     ]
 
 
-# Builder keywords that are options but not in any torchvision constructor's signature.
-_BUILDER_OPTIONS = {"trainable_backbone_layers", "num_levels", "fpn_channels", "size"}
-
-
 @functools.cache
 def known_model_options() -> frozenset[str]:
-    """Every option name some model takes: detfit's and every torchvision constructor's."""
-    import inspect
+    """Every option name some model takes (the union of the registry's per-model options)."""
+    from detfit.models.registry import MODELS
 
-    from detfit.models.options import BUILDER_SET, CLASSES, POST_BUILD
-
-    names = set(ModelOptions.__annotations__) | _BUILDER_OPTIONS | set(POST_BUILD)
-    for cls in CLASSES.values():
-        names |= set(inspect.signature(cls.__init__).parameters) - BUILDER_SET
+    names = set(ModelOptions.__annotations__)
+    for spec in MODELS.values():
+        names |= spec.options
     return frozenset(names)
 
 
@@ -563,6 +557,19 @@ class TrainConfig(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(load_settings(path), str(path))
+
+
+def check_setting(name: str, value: Any, source: str | None = None) -> Any:
+    """``value`` as setting ``name`` takes it (checked by the same rules as a config file), for a
+    value that arrives on its own, e.g. ``detfit eval --backend``; a problem is one SettingsError
+    line naming ``source`` (default: the setting). The one validator of a setting's value."""
+    cfg = TrainConfig.model_construct()
+    try:
+        BaseModel.__setattr__(cfg, name, value)
+    except ValidationError as exc:
+        line = describe_errors(exc, {name: value})
+        raise SettingsError(f"{source or name}{line.removeprefix(name)}") from None
+    return getattr(cfg, name)
 
 
 def load_settings(path: str | Path) -> dict[str, Any]:

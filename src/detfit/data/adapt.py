@@ -8,7 +8,7 @@ set's own sizes, :func:`adapt_options` chooses, each with a reason:
 - the short side (and the long-side cap) so that the median object, resized, is at least
   :data:`FIRST_LEVEL_OBJECT` pixels, up to twice the recipe's sizes (its memory and time);
 - RPN proposal counts of at least :data:`PROPOSALS_PER_OBJECT` per object of the most crowded
-  image (the detection caps follow the same rule in :func:`detfit.engine.trainer.options_for_data`);
+  image (the detection caps follow the same rule in :func:`detfit.models.policy.options_for_data`);
 - anchor sizes (:func:`adapt_anchors`, once the model is built and its own anchors are known)
   halved or doubled, at most twice, when a tenth of the objects, resized, are under half the
   smallest anchor (or over twice the largest): a square object of half an anchor's side overlaps

@@ -61,11 +61,10 @@ from detfit.eval.assembly import evaluate_run, prepare_model
 from detfit.eval.loop import EvaluationResult
 from detfit.models import (
     build_model,
-    get_spec,
-    inapplicable_options,
     iou_types,
 )
 from detfit.models.options import anchor_generator_of, set_anchors
+from detfit.models.policy import loss_weights_for, options_for_data
 
 
 def peak_rss_mb() -> float:
@@ -87,51 +86,6 @@ def flatten_metrics(stats: dict[str, dict[str, float]]) -> dict[str, float]:
 def flatten_per_class(per_class: dict[str, dict[str, float]]) -> dict[str, float]:
     """``bbox_AP/<class>``: per-class AP (IoU 0.50:0.95), -1 where a class has no ground truth."""
     return {f"{iou}_AP/{name}": ap for iou, aps in per_class.items() for name, ap in aps.items()}
-
-
-# COCO's metric counts at most 100 detections per image: no cap above it changes AP.
-COCO_MAX_DETECTIONS = 100
-
-
-def options_for_data(
-    cfg: TrainConfig, data: Datasets, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """The model options, completed by what the data decides.
-
-    - A recipe tuned for one model (the CPU recipe: a Mask R-CNN on detfit's own FPN) stays usable
-      with ``--model`` set to another: the recipe's options that model has no use for are dropped,
-      with one line; the same options set by the user are an error.
-    - A recipe's detection cap below twice the most objects in any training image (the CPU
-      recipe's 30 suits Penn-Fudan's at most 8 people) is raised to that, at most 100, with one
-      line: a cap would otherwise cut recall on crowded images without a word.
-    - Keypoint models get ``num_keypoints`` from the data.
-    """
-    options = dict(cfg.model_options)
-    spec = get_spec(cfg.model)
-    recipe = RECIPES.get(cfg.recipe, {}).get("model_options", {})
-    unusable = inapplicable_options(cfg.model, options)
-    yours = [k for k in unusable if k not in recipe or recipe[k] != options[k]]
-    if yours:
-        raise DetfitError(f"{cfg.model} does not take model option(s) {', '.join(yours)}")
-    if unusable:
-        log(f"{cfg.model} does not use the {cfg.recipe} recipe's {', '.join(unusable)}: ignored")
-        options = {k: v for k, v in options.items() if k not in unusable}
-    cap_key = next(
-        (k for k in ("box_detections_per_img", "detections_per_img") if k in options), None
-    )
-    if cap_key and recipe.get(cap_key) == options[cap_key] and data.max_objects:
-        needed = min(2 * data.max_objects, COCO_MAX_DETECTIONS)
-        if options[cap_key] < needed:
-            log(
-                f"{cap_key}: the {cfg.recipe} recipe's {options[cap_key]} raised to {needed} "
-                f"(a training image has {data.max_objects} objects)"
-            )
-            options[cap_key] = needed
-    if spec.has_keypoints:
-        if not data.keypoint_names:
-            raise DetfitError(f"{cfg.dataset}: has no keypoints, and {cfg.model} needs them")
-        options.setdefault("num_keypoints", len(data.keypoint_names))
-    return options
 
 
 def best_metric_key(cfg: TrainConfig) -> str:
@@ -179,17 +133,6 @@ def adapt_anchors_to_data(
     log(f"adapted to the data: {choice.line()}")
     options[choice.key] = choice.value
     cfg.model_options = {**cfg.model_options, choice.key: choice.value}
-
-
-def loss_weights_for(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, float]:
-    """The recipe's loss weights that apply to ``cfg.model``: a box model ignores ``loss_mask``
-    (and a model without keypoints ``loss_keypoint``), with one line saying so."""
-    spec = get_spec(cfg.model)
-    absent = {"loss_mask": not spec.has_masks, "loss_keypoint": not spec.has_keypoints}
-    dropped = [k for k in cfg.loss_weights if absent.get(k)]
-    if dropped:
-        log(f"{cfg.model} computes no {', '.join(dropped)}: ignoring its loss weight")
-    return {k: v for k, v in cfg.loss_weights.items() if k not in dropped}
 
 
 class Trainer(RunFolderMixin):

@@ -15,7 +15,7 @@ from typing import Any, get_args
 
 import numpy as np
 
-from detfit.config import EvalBackend, SettingsError, TrainConfig, one_of
+from detfit.config import EvalBackend, TrainConfig, check_setting
 
 
 def backend_names() -> tuple[str, ...]:
@@ -26,13 +26,6 @@ def backend_names() -> tuple[str, ...]:
 def default_backend() -> str:
     """``eval_backend``'s default (config.py holds it)."""
     return TrainConfig.model_fields["eval_backend"].default
-
-
-def check_backend(name: str, source: str = "eval_backend") -> str:
-    """``name`` when it is a backend; else a one-line SettingsError naming the choices."""
-    if name not in backend_names():
-        raise SettingsError(f"{source}={name!r}: {one_of(name, backend_names())}")
-    return name
 
 
 @dataclass(frozen=True)
@@ -78,8 +71,9 @@ class MetricBackend:
 
 
 def metric_backend(name: str | None = None) -> MetricBackend:
-    """The backend called ``name`` (None: the default), imported on first use."""
-    name = check_backend(name or default_backend())
+    """The backend called ``name`` (None: the default), imported on first use; an unknown name
+    is refused as the ``eval_backend`` setting refuses it."""
+    name = check_setting("eval_backend", name or default_backend())
     if name == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval

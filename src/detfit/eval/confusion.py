@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from detfit.predict.predictor import DEFAULT_SCORE_THRESHOLD
+from detfit.predict.defaults import DEFAULT_SCORE_THRESHOLD
 
 IOU_THRESHOLD = 0.5
 

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 from detfit import distributed
 from detfit.errors import DetfitError
 from detfit.eval.assembly import evaluate_run, prepare_model
-from detfit.eval.backends import check_backend
 from detfit.eval.loop import EvaluationResult
 
 if TYPE_CHECKING:
@@ -52,11 +51,11 @@ def evaluate_checkpoint(
     (on every rank) equal a single-process evaluation of the same weights.
     """
     from detfit.checkpoint import load_model
-    from detfit.config import TrainConfig
+    from detfit.config import TrainConfig, check_setting
     from detfit.data.loaders import build_datasets, build_loaders
 
     if backend is not None:
-        check_backend(backend, "--backend")  # before the (slow) checkpoint is read
+        check_setting("eval_backend", backend, "--backend")  # before the (slow) checkpoint is read
     if tta and slicing is not None:
         from detfit.predict.predictor import TTA_WITH_SLICES
 

@@ -6,8 +6,8 @@ from detfit.models.registry import (
     ModelSpec,
     build_model,
     get_spec,
-    inapplicable_options,
     iou_types,
+    options_not_taken,
 )
 
 __all__ = [
@@ -15,6 +15,6 @@ __all__ = [
     "ModelSpec",
     "build_model",
     "get_spec",
-    "inapplicable_options",
+    "options_not_taken",
     "iou_types",
 ]

@@ -23,8 +23,8 @@ from torchvision.models.detection.ssd import SSD
 
 from detfit.errors import DetfitError
 
-# Applied to the built model, not passed to its constructor.
-POST_BUILD = ("anchor_sizes", "aspect_ratios", "size")
+# Options applied to the built model, not passed to its constructor.
+SET_AFTER_BUILDING = ("anchor_sizes", "aspect_ratios", "size")
 # Plain name -> the name R-CNN constructors use (RetinaNet, FCOS and SSD use the plain names).
 RCNN_NAMES = {
     "detections_per_img": "box_detections_per_img",
@@ -42,8 +42,20 @@ CLASSES = {
     "fcos": FCOS,
     "ssd": SSD,
 }
-# Set by detfit's builders, not by options.
-BUILDER_SET = {"self", "backbone", "num_classes", "kwargs", "anchor_generator", "size"}
+# Constructor arguments detfit's builders set themselves: never options.
+SET_BY_BUILDERS = {"self", "backbone", "num_classes", "kwargs", "anchor_generator", "size"}
+
+
+def constructor_class(name: str) -> type[nn.Module]:
+    """The torchvision class whose constructor model ``name`` passes its options to."""
+    return next(c for prefix, c in CLASSES.items() if name.startswith(prefix))
+
+
+def constructor_option_names(name: str, family: str) -> set[str]:
+    """The options of model ``name`` (of ``family``: rcnn, dense, ssd) that go to its
+    constructor, by the names a setting uses (for R-CNNs the plain and the ``box_`` names)."""
+    names = set(inspect.signature(constructor_class(name).__init__).parameters) - SET_BY_BUILDERS
+    return names | set(RCNN_NAMES) if family == "rcnn" else names
 
 
 def constructor_options(name: str, family: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -52,11 +64,11 @@ def constructor_options(name: str, family: str, options: dict[str, Any]) -> dict
     torchvision passes unknown keywords on to its transform, which ignores them; here an unknown
     name is an error, so a misspelt setting cannot go unnoticed.
     """
-    cls = next(c for prefix, c in CLASSES.items() if name.startswith(prefix))
-    known = set(inspect.signature(cls.__init__).parameters) - BUILDER_SET
+    cls = constructor_class(name)
+    known = set(inspect.signature(cls.__init__).parameters) - SET_BY_BUILDERS
     out = {}
     for key, value in options.items():
-        if key in POST_BUILD:
+        if key in SET_AFTER_BUILDING:
             continue
         if family == "ssd" and key in ("min_size", "max_size"):
             raise DetfitError(f"{name}: SSD resizes to a fixed square; set size, not {key}")

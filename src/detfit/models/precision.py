@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 
+from detfit.config import check_setting
 from detfit.errors import DetfitError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The heads whose outputs are decoded into boxes or fed to a loss, by attribute path.
 HEAD_OUTPUTS = (
@@ -72,9 +72,7 @@ def autocast_dtype(
     bf16 where the hardware lacks it runs float32, with one line saying so; fp16 is CUDA only
     (float16 needs loss scaling and the CPU has no fast float16 kernels)."""
     device = torch.device(device)
-    name = chosen_precision(precision, amp, device)
-    if name not in PRECISIONS:
-        raise DetfitError(f"precision {name!r}: must be one of {', '.join(PRECISIONS)}")
+    name = check_setting("precision", chosen_precision(precision, amp, device))
     if name == "fp32":
         return None
     if name == "fp16":

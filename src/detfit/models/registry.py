@@ -1,4 +1,4 @@
-"""The one registry of models: name -> builder, task, weights and defaults.
+"""The one registry of models: name -> builder, task, weights and the options it takes.
 
 Situation A: every detection builder in torchvision, built with its COCO weights and new class
 layers. Situation B: ``<head>_<backbone>`` (one feature map, the seed's way) and
@@ -27,6 +27,7 @@ from detfit.models.backbone_detectors import (
     build_detector,
 )
 from detfit.models.backbones import BACKBONES, backbone_enum
+from detfit.models.options import constructor_option_names
 from detfit.models.pretrained import build_pretrained
 
 
@@ -44,7 +45,13 @@ class ModelSpec:
     backbone: str | None = None  # situation B: the torchvision classifier it is built on
     default_weights: str | None = None
     default_weights_backbone: str | None = None
-    defaults: dict[str, Any] = field(default_factory=dict)  # model options used unless overridden
+    # The model options it takes (config model_options keys), stated once here: every check of
+    # whether an option applies to this model reads it.
+    options: frozenset[str] = field(default_factory=frozenset)
+
+    def takes(self, option: str) -> bool:
+        """Whether ``option`` (a model_options key) applies to this model."""
+        return option in self.options
 
     @property
     def task(self) -> str:
@@ -99,6 +106,36 @@ TORCHVISION: dict[str, tuple[str, str, str]] = {
     "ssdlite320_mobilenet_v3_large": ("ssd", "mobilenet_v3_large", "SSDLite MobileNetV3-Large"),
 }
 
+# Options every model takes, and those that reshape anchors (SSD's default boxes are fixed).
+_EVERY_MODEL = {"trainable_backbone_layers"}
+_ANCHORS = {"anchor_sizes", "aspect_ratios"}
+
+
+def pretrained_options(name: str, family: str) -> frozenset[str]:
+    """The options of situation A model ``name``: its constructor's, anchors (not SSD), SSDLite's
+    input size, the pretrained rows kept, and the keypoint count of Keypoint R-CNN."""
+    names = constructor_option_names(name, family) | _EVERY_MODEL | {"keep_classes"}
+    if family != "ssd":
+        names |= _ANCHORS
+    elif name.startswith("ssdlite"):
+        names.add("size")  # the VGG extra layers fix SSD300's input at 300 px
+    if name.startswith("keypointrcnn"):
+        names |= {"num_keypoints", "keep_keypoints"}
+    return frozenset(names)
+
+
+def detector_options(head: str, fpn: bool) -> frozenset[str]:
+    """The options of situation B model ``<head>_<backbone>[_fpn]``: its constructor's, anchors,
+    FPN levels and width with an FPN, the mask head's for Mask R-CNN."""
+    family = "dense" if head in ("retinanet", "fcos") else "rcnn"
+    names = constructor_option_names(head, family) | _EVERY_MODEL | _ANCHORS
+    if fpn:
+        names |= set(FPN_OPTIONS)
+    if head == "maskrcnn":
+        names |= set(MASK_HEAD_OPTIONS)
+    return frozenset(names)
+
+
 for _name, (_family, _backbone, _description) in TORCHVISION.items():
     _weights, _backbone_weights = get_model_weights(_name), get_model_weights(_backbone)
     register(
@@ -108,6 +145,7 @@ for _name, (_family, _backbone, _description) in TORCHVISION.items():
         weights_enum=_weights,
         backbone_enum=_backbone_weights,
         default_weights="DEFAULT",
+        options=pretrained_options(_name, _family),
     )
 
 # Situation B models with a story of their own.
@@ -135,6 +173,7 @@ for _backbone in BACKBONES:
                 backbone_enum=backbone_enum(_backbone),
                 backbone=_backbone,
                 default_weights_backbone="IMAGENET1K_V1",
+                options=detector_options(_head, _fpn),
             )
 
 
@@ -147,16 +186,10 @@ def get_spec(name: str) -> ModelSpec:
         ) from None
 
 
-def inapplicable_options(name: str, options: dict[str, Any]) -> list[str]:
-    """The options among ``options`` that model ``name`` has no use for: detfit's own FPN and mask
-    head options on a torchvision-built detector, FPN options without an FPN, mask-head options
-    on a box model."""
+def options_not_taken(name: str, options: dict[str, Any]) -> list[str]:
+    """The keys of ``options`` that model ``name`` does not take (its spec's ``options``)."""
     spec = get_spec(name)
-    own_fpn = spec.situation == "B" and name.endswith("_fpn")
-    refused = set(FPN_OPTIONS) if not own_fpn else set()
-    if spec.situation == "A" or not spec.has_masks:
-        refused |= set(MASK_HEAD_OPTIONS)
-    return [k for k in options if k in refused]
+    return [k for k in options if not spec.takes(k)]
 
 
 def iou_types(model: str | nn.Module) -> list[str]:
@@ -202,5 +235,5 @@ def build_model(
         num_classes,
         weights=weights,
         weights_backbone=weights_backbone,
-        **{**spec.defaults, **options},
+        **options,
     )

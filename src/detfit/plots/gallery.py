@@ -16,8 +16,8 @@ import torch
 from matplotlib.figure import Figure
 
 from detfit.plots.figure import as_hwc, new_figure
+from detfit.predict.defaults import DEFAULT_MASK_THRESHOLD, DEFAULT_SCORE_THRESHOLD
 from detfit.predict.overlay import draw_prediction
-from detfit.predict.predictor import DEFAULT_MASK_THRESHOLD, DEFAULT_SCORE_THRESHOLD
 
 PAIRS_PER_ROW = 2
 GALLERY_IMAGES = 8  # test images in val_predictions.jpg

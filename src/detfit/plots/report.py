@@ -62,7 +62,7 @@ def shown_threshold(evaluator: Any) -> float:
     """The score from which detections are drawn and counted in the pictures of an evaluation:
     where the box detections' F1 at IoU 0.5 is best (predict's default without boxes)."""
     from detfit.eval.confusion import best_f1_threshold
-    from detfit.predict.predictor import DEFAULT_SCORE_THRESHOLD
+    from detfit.predict.defaults import DEFAULT_SCORE_THRESHOLD
 
     if "bbox" not in evaluator.results:
         return DEFAULT_SCORE_THRESHOLD

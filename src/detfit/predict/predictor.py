@@ -13,15 +13,13 @@ import torch
 from detfit.errors import DetfitError
 from detfit.models.tta import tta_predict, tta_views
 from detfit.predict.backends import Backend, load_backend
+from detfit.predict.defaults import DEFAULT_MASK_THRESHOLD, DEFAULT_SCORE_THRESHOLD
 from detfit.predict.slicing import Slicing, sliced_output
 
 ImageLike = Any  # a path, a PIL image, an HxWx3 numpy array or a [3,H,W] tensor
-# Detections scoring below this are not shown: by predict, in galleries and confusion matrices.
-DEFAULT_SCORE_THRESHOLD = 0.5
 # Test-time augmentation runs the model on the whole image and its mirror; sliced inference runs
 # it on tiles. Both at once is not built, and one silently losing to the other would mislead.
 TTA_WITH_SLICES = "--tta and --slice cannot be combined: choose one"
-DEFAULT_MASK_THRESHOLD = 0.5  # a mask pixel's probability from which it belongs to the object
 
 
 @dataclass

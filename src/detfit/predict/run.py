@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 from detfit.data.rle import encode_masks
 from detfit.errors import DetfitError
 from detfit.fileio import atomic_write, atomic_write_text, disk_error
+from detfit.predict.defaults import DEFAULT_BATCH_SIZE, DEFAULT_SCORE_THRESHOLD
 from detfit.predict.inputs import Item, expand
 from detfit.predict.overlay import draw_prediction
-from detfit.predict.predictor import DEFAULT_SCORE_THRESHOLD, Prediction, Predictor
+from detfit.predict.predictor import Prediction, Predictor
 from detfit.predict.slicing import SliceTooLarge, Slicing
 
 
@@ -254,7 +255,7 @@ def predict_inputs(
     inputs: Sequence[str | Path],
     out_dir: str | Path | None = None,
     *,
-    batch_size: int = 4,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     classes: Sequence[str] | None = None,
     device: str = "auto",
@@ -458,25 +459,3 @@ def _predict_video(
             "could be decoded (a file cut short?); the outputs hold those"
         )
     return count
-
-
-def predict_files(
-    checkpoint: str | Path,
-    images: Sequence[str | Path],
-    out_dir: str | Path,
-    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
-    device: str = "auto",
-) -> list[Path]:
-    """The earlier API: overlays and JSON for ``images``; returns the files written."""
-    summary = predict_inputs(
-        checkpoint,
-        images,
-        out_dir,
-        score_threshold=score_threshold,
-        device=device,
-        progress=False,
-        log=lambda s: None,
-    )
-    if summary.problems:
-        raise DetfitError(summary.problems[0])
-    return summary.written

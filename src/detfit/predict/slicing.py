@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from detfit.errors import DetfitError
+from detfit.predict.defaults import DEFAULT_OVERLAP
 
 Output = dict[str, torch.Tensor]
 Runner = Callable[[list[torch.Tensor]], list[Output]]
@@ -40,7 +41,6 @@ Window = tuple[int, int, int, int]  # x0, y0, x1, y1: pixels [y0:y1, x0:x1]
 
 MAX_OVERLAP = 0.9
 MIN_SLICE = 32
-DEFAULT_OVERLAP = 0.2
 MERGE_IOS = 0.5  # SAHI's default match threshold
 MAX_DETECTIONS = 100  # as torchvision's box_detections_per_img, and COCO's maxDets
 

@@ -8,6 +8,7 @@ import os
 from pydantic import BaseModel, Field, ValidationError
 
 from detfit.errors import DetfitError
+from detfit.predict.defaults import DEFAULT_OVERLAP, DEFAULT_SCORE_THRESHOLD
 
 API_KEY_ENV = "DETFIT_API_KEY"  # the key without putting it on the command line (ps shows that)
 SETTINGS_ENV = "DETFIT_SERVE_SETTINGS"  # how --workers N processes receive these settings
@@ -41,12 +42,17 @@ class ServeSettings(BaseModel):
         default_factory=list, description="Origins allowed to call the API from a browser."
     )
     score_threshold: float = Field(
-        0.5, ge=0, le=1, description="Score threshold of a request that names none."
+        DEFAULT_SCORE_THRESHOLD,
+        ge=0,
+        le=1,
+        description="Score threshold of a request that names none.",
     )
     slice_size: int | None = Field(
         None, description="Predict on tiles of this many pixels (detfit.predict.slicing)."
     )
-    slice_overlap: float = Field(0.2, description="With slice_size: share of a tile overlapping.")
+    slice_overlap: float = Field(
+        DEFAULT_OVERLAP, description="With slice_size: share of a tile overlapping."
+    )
     slice_full: bool = Field(True, description="With slice_size: also the whole image.")
     drain_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long requests in flight may take to finish."
