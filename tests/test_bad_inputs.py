@@ -752,3 +752,22 @@ def test_a_run_folder_that_cannot_be_made(ws, monkeypatch, capsys):
         ws, monkeypatch, capsys, [*TRAIN, "--data-root", "pf"],
         ["cannot make the run folder runs/new", "Permission denied"],
     )  # fmt: skip
+
+
+def test_a_torchrun_restart_of_a_refused_request_refuses_at_once(ws, monkeypatch, capsys):
+    """What a refusal records in torchrun's store (which outlives the worker group), and what a
+    group torchrun restarts makes of it: the same line at once, a valid command or not, with
+    nothing written. The store is a real TCPStore, as torchrun's agent serves it."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    launch = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    launch.update(MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
+    launch.update(TORCHELASTIC_RUN_ID="job7", TORCHELASTIC_RESTART_COUNT="0")
+    for key, value in launch.items():
+        monkeypatch.setenv(key, value)
+    first = run_case(ws, monkeypatch, capsys, [*TRAIN, "--set", "epochs=abc"], ["epochs='abc'"])
+    assert store.get("detfit/refusal/job7/rank0").decode() == first.removeprefix("detfit: error: ")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    again = run_case(ws, monkeypatch, capsys, [*TRAIN, "--data-root", "pf"], [])
+    assert again == first  # the restart refuses, though its own command would train
