@@ -17,7 +17,7 @@ from detfit.errors import DetfitError
 from detfit.export.formats import FORMATS, SUFFIXES, metadata, output_keys, to_onnx, to_torchscript
 from detfit.export.parity import HEADER, ImageParity, compare
 from detfit.export.transform import for_export
-from detfit.fileio import atomic_write
+from detfit.fileio import atomic_write, remove_leftovers_of
 from detfit.predict.backends import EagerRunner, load_backend, model_file
 
 # Measured refusals (README "Predict and export"): the exported graph is wrong at every size.
@@ -147,6 +147,8 @@ def export_model(
             else to_torchscript(exportable, meta)
         )
     partial = out.with_name(f".{out.name}.partial{out.suffix}")
+    # a stopped export of the same file left these: this one replaces them
+    remove_leftovers_of(out, (partial.name, f".{out.name}.partial.int8{out.suffix}"))
     atomic_write(partial, lambda f: f.write(data))
     if quantize:
         _write_int8(partial, out, calibration, info, ckpt["config"], check, max_ap_drop, log)
