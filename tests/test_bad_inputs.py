@@ -771,3 +771,42 @@ def test_a_torchrun_restart_of_a_refused_request_refuses_at_once(ws, monkeypatch
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     again = run_case(ws, monkeypatch, capsys, [*TRAIN, "--data-root", "pf"], [])
     assert again == first  # the restart refuses, though its own command would train
+
+
+def test_a_resize_that_needs_more_memory_than_there_is(ws, monkeypatch, capsys):
+    """min_size/max_size within their bounds, but a resized batch of 2 images (768 MiB) larger
+    than the memory left (here said to be 512 MiB): one line before the data is read."""
+    import detfit.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 512 * 2**20)
+    sizes = ["--set", "model_options.min_size=4096", "--set", "model_options.max_size=8192"]
+    run_case(
+        ws, monkeypatch, capsys, [*TRAIN, "--data-root", "pf", "--batch-size", "2", *sizes],
+        ["model_options min_size=4096, max_size=8192 with batch_size=2",
+         "needs 0.8 GiB, more than the 0.5 GiB of memory available"],
+    )  # fmt: skip
+
+
+def test_a_resize_beyond_an_address_space_limit_is_one_line(ws, tmp_path):
+    """A real limit (RLIMIT_AS, 1.5 GiB above what the process maps once torch is loaded): the
+    8192-pixel resize of a batch of 8 (6 GiB) is refused in one line, exit 2, no MemoryError."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys, torch, detfit.cli\n"
+        "mapped = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (mapped + 3 * 2**29, resource.RLIM_INFINITY))\n"
+        "sys.argv = ['detfit', *sys.argv[1:]]\n"
+        "detfit.cli.main()\n"
+    )
+    args = [*TRAIN, "--data-root", "pf", "--batch-size", "8", "--out", str(tmp_path / "run")]
+    args += ["--set", "model_options.min_size=8192", "--set", "model_options.max_size=8192"]
+    before = snapshot(ws)
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=ws, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr
+    line = expect_one_line(result.stderr, "batch_size=8", "the resized batch alone needs 6.0 GiB")
+    assert "MemoryError" not in line and not (tmp_path / "run").exists()
+    assert snapshot(ws) == before

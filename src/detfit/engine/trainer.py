@@ -68,6 +68,7 @@ from detfit.engine.runlock import RunLock
 from detfit.errors import DetfitError, Interrupted, RunRefused
 from detfit.eval.loop import EvaluationResult, evaluate
 from detfit.fileio import remove_stale_temp_files
+from detfit.memory import check_resize_fits
 from detfit.models import (
     build_model,
     get_spec,
@@ -522,6 +523,7 @@ class Trainer:
         seed_everything(cfg.seed)  # the same initial weights on every rank
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        check_resize_fits(cfg.model_options, cfg.batch_size, cfg.eval_batch_size)
         with distributed.main_first():  # rank 0 downloads Penn-Fudan if needed
             self.data = build_datasets(cfg, log=self.log)
         self.module, self.info = self._build_model()
