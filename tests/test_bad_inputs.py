@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -120,6 +121,9 @@ def ws(tmp_path_factory) -> Path:
     save_checkpoint(ckpts / "extra_key.pt", {**good, "model": extra})
     save_checkpoint(ckpts / "no_info.pt", {"model": good["model"]})
     (ckpts / "garbage.pt").write_bytes(b"PK\x03\x04 not a zip at all")
+    with open(ckpts / "plain.pt", "wb") as f:  # pickle.dump, not torch.save
+        pickle.dump({"model": {"w": [1.0]}, "model_info": info}, f)
+    save_checkpoint(ckpts / "no_config.pt", {k: v for k, v in good.items() if k != "config"})
 
     run = root / "runs" / "old"
     run.mkdir(parents=True)
@@ -260,6 +264,8 @@ CHECKPOINT_CASES = {
     "no model_info": ("no_info.pt", ["no_info.pt", "not a detfit checkpoint"]),
     "not a checkpoint": ("garbage.pt", ["garbage.pt", "not a readable checkpoint"]),
     "no such file": ("nowhere.pt", ["nowhere.pt", "not found"]),
+    "a plain pickle": ("plain.pt", ["plain.pt", "not a readable checkpoint"]),
+    "no training config": ("no_config.pt", ["no_config.pt", "no training config"]),
 }
 
 

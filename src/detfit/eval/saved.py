@@ -66,6 +66,8 @@ def evaluate_checkpoint(
 
         raise DetfitError(TTA_WITH_SLICES)
     ckpt = load_checkpoint(run_checkpoint(checkpoint))
+    if not isinstance(ckpt.get("config"), dict):
+        raise DetfitError(f"{checkpoint}: not a detfit checkpoint (no training config in it)")
     cfg = TrainConfig.from_dict(ckpt["config"], str(checkpoint))
     if data_root:
         cfg.data_root = str(data_root)

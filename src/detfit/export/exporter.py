@@ -126,9 +126,12 @@ def export_model(
         raise DetfitError(f"{info['name']}: cannot export to {fmt}: {reason}")
     suffix = (".int8" if quantize else "") + SUFFIXES[fmt]
     out = Path(out) if out else path.with_name(path.name.removesuffix(".pt") + suffix)
-    samples = file_images(images) if images else test_split_images(ckpt["config"], MIN_IMAGES)
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    # a checkpoint without its training config has no data to look for
+    found = test_split_images(config, MIN_IMAGES) if config and not images else []
+    samples = file_images(images) if images else found
     if quantize:
-        calibration = _calibration_images(calibration_images, ckpt["config"], path)
+        calibration = _calibration_images(calibration_images, config, path)
     elif check and not samples:
         raise DetfitError(
             f"{path}: the checkpoint's data is not at hand to check parity; give --images "
@@ -151,7 +154,7 @@ def export_model(
     remove_leftovers_of(out, (partial.name, f".{out.name}.partial.int8{out.suffix}"))
     atomic_write(partial, lambda f: f.write(data))
     if quantize:
-        _write_int8(partial, out, calibration, info, ckpt["config"], check, max_ap_drop, log)
+        _write_int8(partial, out, calibration, info, config, check, max_ap_drop, log)
         return out, []
     try:
         report = check_parity(model, partial, samples, log) if check else []
@@ -194,7 +197,7 @@ def _calibration_images(
     from detfit.export.quantize import CALIBRATION_IMAGES, training_images
 
     if not paths:
-        found = training_images(config, CALIBRATION_IMAGES)
+        found = training_images(config, CALIBRATION_IMAGES) if config else []
         if not found:
             raise DetfitError(
                 f"{checkpoint}: the checkpoint's training data is not at hand to calibrate int8; "
