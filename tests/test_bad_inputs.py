@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -120,6 +121,9 @@ def ws(tmp_path_factory) -> Path:
     save_checkpoint(ckpts / "extra_key.pt", {**good, "model": extra})
     save_checkpoint(ckpts / "no_info.pt", {"model": good["model"]})
     (ckpts / "garbage.pt").write_bytes(b"PK\x03\x04 not a zip at all")
+    with open(ckpts / "plain.pt", "wb") as f:  # pickle.dump, not torch.save
+        pickle.dump({"model": {"w": [1.0]}, "model_info": info}, f)
+    save_checkpoint(ckpts / "no_config.pt", {k: v for k, v in good.items() if k != "config"})
 
     run = root / "runs" / "old"
     run.mkdir(parents=True)
@@ -260,6 +264,8 @@ CHECKPOINT_CASES = {
     "no model_info": ("no_info.pt", ["no_info.pt", "not a detfit checkpoint"]),
     "not a checkpoint": ("garbage.pt", ["garbage.pt", "not a readable checkpoint"]),
     "no such file": ("nowhere.pt", ["nowhere.pt", "not found"]),
+    "a plain pickle": ("plain.pt", ["plain.pt", "not a readable checkpoint"]),
+    "no training config": ("no_config.pt", ["no_config.pt", "no training config"]),
 }
 
 
@@ -752,3 +758,61 @@ def test_a_run_folder_that_cannot_be_made(ws, monkeypatch, capsys):
         ws, monkeypatch, capsys, [*TRAIN, "--data-root", "pf"],
         ["cannot make the run folder runs/new", "Permission denied"],
     )  # fmt: skip
+
+
+def test_a_torchrun_restart_of_a_refused_request_refuses_at_once(ws, monkeypatch, capsys):
+    """What a refusal records in torchrun's store (which outlives the worker group), and what a
+    group torchrun restarts makes of it: the same line at once, a valid command or not, with
+    nothing written. The store is a real TCPStore, as torchrun's agent serves it."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    launch = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    launch.update(MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
+    launch.update(TORCHELASTIC_RUN_ID="job7", TORCHELASTIC_RESTART_COUNT="0")
+    for key, value in launch.items():
+        monkeypatch.setenv(key, value)
+    first = run_case(ws, monkeypatch, capsys, [*TRAIN, "--set", "epochs=abc"], ["epochs='abc'"])
+    assert store.get("detfit/refusal/job7/rank0").decode() == first.removeprefix("detfit: error: ")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    again = run_case(ws, monkeypatch, capsys, [*TRAIN, "--data-root", "pf"], [])
+    assert again == first  # the restart refuses, though its own command would train
+
+
+def test_a_resize_that_needs_more_memory_than_there_is(ws, monkeypatch, capsys):
+    """min_size/max_size within their bounds, but a resized batch of 2 images (768 MiB) larger
+    than the memory left (here said to be 512 MiB): one line before the data is read."""
+    import detfit.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 512 * 2**20)
+    sizes = ["--set", "model_options.min_size=4096", "--set", "model_options.max_size=8192"]
+    run_case(
+        ws, monkeypatch, capsys, [*TRAIN, "--data-root", "pf", "--batch-size", "2", *sizes],
+        ["model_options min_size=4096, max_size=8192 with batch_size=2",
+         "needs 0.8 GiB, more than the 0.5 GiB of memory available"],
+    )  # fmt: skip
+
+
+def test_a_resize_beyond_an_address_space_limit_is_one_line(ws, tmp_path):
+    """A real limit (RLIMIT_AS, 1.5 GiB above what the process maps once torch is loaded): the
+    8192-pixel resize of a batch of 8 (6 GiB) is refused in one line, exit 2, no MemoryError."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys, torch, detfit.cli\n"
+        "mapped = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (mapped + 3 * 2**29, resource.RLIM_INFINITY))\n"
+        "sys.argv = ['detfit', *sys.argv[1:]]\n"
+        "detfit.cli.main()\n"
+    )
+    args = [*TRAIN, "--data-root", "pf", "--batch-size", "8", "--out", str(tmp_path / "run")]
+    args += ["--set", "model_options.min_size=8192", "--set", "model_options.max_size=8192"]
+    before = snapshot(ws)
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=ws, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr
+    line = expect_one_line(result.stderr, "batch_size=8", "the resized batch alone needs 6.0 GiB")
+    assert "MemoryError" not in line and not (tmp_path / "run").exists()
+    assert snapshot(ws) == before

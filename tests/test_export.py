@@ -179,3 +179,28 @@ def test_parity_matches_detections_not_indices():
     relabelled = {**eager, "labels": torch.tensor([2, 2, 1])}
     assert not compare("x", (50, 50), eager, relabelled).ok
     assert isinstance(result, ImageParity)
+
+
+def test_an_export_removes_what_a_killed_export_of_its_file_left(tmp_path, monkeypatch, capsys):
+    """kill -9 during an export leaves ``.model.onnx.partial.onnx`` (and the temporary file of an
+    atomic write): the next export of that file removes them once it writes, a refused one
+    changes nothing, and leftovers of other files (another process may be writing them) stay."""
+    name, options = FAMILIES["fasterrcnn"]
+    ckpt = tiny_checkpoint(tmp_path / "model.pt", name, options)
+    stale = [
+        tmp_path / ".model.onnx.partial.onnx",
+        tmp_path / ".model.onnx.partial.int8.onnx",
+        tmp_path / "..model.onnx.partial.onnx.k3j_9xq1.tmp",
+        tmp_path / ".model.onnx.a1b2c3d4.tmp",
+    ]
+    others = [tmp_path / ".other.onnx.partial.onnx", tmp_path / ".last.pt.z9y8x7w6.tmp"]
+    for path in stale + others:
+        path.write_bytes(b"half an export")
+    code, _, err = run_main(
+        monkeypatch, capsys, "export", ckpt, "--format", "torchscript", "--quantize", "int8"
+    )
+    assert code == 2 and all(p.exists() for p in stale), err  # refused: nothing touched
+    code, stdout, err = run_main(monkeypatch, capsys, "export", ckpt, "--no-check")
+    assert code in (None, 0), err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["model.pt", "model.onnx", *(p.name for p in others)])

@@ -172,3 +172,58 @@ def test_torchrun_restarts_repeat_a_refusal_and_never_overwrite(root, tmp_path):
     ), result.stderr
     assert "has finished" not in result.stdout and "continuing" not in result.stdout
     assert hashes(out) == before
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [x for x in stderr.splitlines() if x.startswith("detfit: error: ")]
+
+
+@pytest.mark.slow
+def test_a_refusal_is_final_for_the_torchrun_launch(root, tmp_path):
+    """Attempt 0 is refused because another process holds the (empty) --out folder; that process
+    then lets go, yet the restart refuses at once with the same line instead of training: the
+    refusal was recorded in torchrun's store. torchrun itself ends its failed job with exit 1."""
+    from test_distributed import start, torchrun, train_args
+
+    out = tmp_path / "held"
+    out.mkdir()
+    holder = RunLock(out)
+    holder.acquire()
+    launcher = start(torchrun("--standalone", "--max-restarts=2", *train_args(root, out)))
+    try:
+        first = ""
+        while launcher.poll() is None and not first.startswith("detfit: error: "):
+            first = launcher.stderr.readline()
+        holder.release()  # the folder is free long before torchrun restarts the group
+        stdout, stderr = launcher.communicate(timeout=300)
+    finally:
+        holder.release()
+        if launcher.poll() is None:
+            launcher.kill()
+    line = f"detfit: error: {out}: process {os.getpid()} is writing this run folder"
+    assert first.startswith(line), first + stderr
+    assert error_lines(first + stderr) == [first.rstrip("\n")] * 3, stderr  # rank 0, each attempt
+    assert launcher.returncode == 1, stderr
+    assert "Traceback" not in first + stderr.split("ChildFailedError")[0].rsplit("Traceback", 1)[0]
+    assert sorted(p.name for p in out.iterdir()) == [], "a refused restart wrote in the folder"
+
+
+@pytest.mark.slow
+def test_a_user_error_under_torchrun_is_said_once(root, tmp_path):
+    """A bad --set value (every rank finds it) and a missing annotation file (each rank finds it
+    on its own): one line from rank 0 each, exit 2 in torchrun's report."""
+    from test_distributed import run, torchrun, train_args
+
+    args = train_args(root, tmp_path / "a", "--set", "epochs=abc")
+    result = run(torchrun("--standalone", *args))
+    assert error_lines(result.stderr) == ["detfit: error: epochs='abc': must be a valid integer"], (
+        result.stderr
+    )
+    assert "exitcode  : 2" in result.stderr and result.returncode == 1
+    missing = tmp_path / "nowhere.json"
+    result = run(
+        torchrun("--standalone", *train_args(root, tmp_path / "b", "--data", f"coco:{missing}"))
+    )
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and str(missing) in lines[0], result.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -795,20 +795,23 @@ def user_message(exc: BaseException) -> str:
 def main() -> None:
     """Console entry point: user errors are one line (one per problem) on stderr, exit code 2;
     a stopped run one line saying how to resume, with 128 + the signal's number."""
+    from detfit import refusal
     from detfit.distributed import env_is_main
     from detfit.errors import Interrupted
 
     try:
+        refusal.refuse_if_refused_before()  # a torchrun restart of a refused request
         app()
     except Interrupted as exc:
         if env_is_main():
             typer.echo(f"detfit: {exc}", err=True)
         sys.exit(exc.exit_code)
     except DetfitError as exc:
-        if exc.same_on_every_rank and not env_is_main():
-            sys.exit(exc.exit_code)  # rank 0 says it, once for the whole torchrun job
-        for line in user_message(exc).splitlines() or [type(exc).__name__]:
-            typer.echo(f"detfit: error: {line}", err=True)
+        message = user_message(exc)
+        refusal.record(message)  # final for the torchrun launch: its restarts refuse at once
+        if refusal.says_it(exc):  # rank 0 says it, once for the whole torchrun job
+            for line in message.splitlines() or [type(exc).__name__]:
+                typer.echo(f"detfit: error: {line}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("detfit: interrupted", err=True)

@@ -248,3 +248,20 @@ def collective_device() -> torch.device:
     if is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def launch_store(timeout_s: float = 30.0) -> dist.Store | None:
+    """The store of the whole torchrun launch: the agent's TCPStore, which outlives every worker
+    group it restarts. None outside torchrun, where the workers' store is not the agent's (then
+    it dies with the group), or when it cannot be reached."""
+    if not launched_with_torchrun() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        return dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except (KeyError, ValueError, RuntimeError):
+        return None

@@ -152,3 +152,26 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return sorted(removed)
+
+
+def remove_leftovers_of(target: str | Path, partials: tuple[str, ...] = ()) -> list[Path]:
+    """Delete what a killed write of ``target`` left beside it: the files named ``partials`` in
+    its folder (a stopped export's ``.NAME.partial.onnx``) and the ``.NAME.XXXXXXXX.tmp`` files
+    of :func:`atomic_write` for ``target`` and for each of them; returns what was removed. Only
+    that target's leftovers: another process may be writing other files in the folder. Call it
+    when the command starts writing ``target``, not before its checks (a refused command
+    changes nothing)."""
+    target = Path(target)
+    folder = target.parent
+    if not folder.is_dir():
+        return []
+    names = (target.name, *partials)
+    removed = []
+    for entry in folder.iterdir():
+        ours = entry.name in partials or any(
+            entry.name.startswith(f".{name}.") and STALE_TEMP.match(entry.name) for name in names
+        )
+        if ours and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return sorted(removed)

@@ -28,6 +28,7 @@ from detfit.data.adapt import DataSizes, data_sizes
 from detfit.data.copy_paste import CopyPaste
 from detfit.data.formats.masks import read_mask_folder
 from detfit.data.sampling import EpochBatches, PerItemSeed, ShardBatches
+from detfit.engine.interrupt import ignore_stop_signals
 from detfit.errors import DetfitError
 
 
@@ -187,7 +188,10 @@ def build_loaders(cfg: TrainConfig, data: Datasets, rank: int = 0, world_size: i
         group_ids=groups,
     )
     items = PerItemSeed(data.train, cfg.seed)
-    common: dict[str, Any] = dict(num_workers=cfg.workers, collate_fn=collate_fn)
+    # a stop sent to the process group is the main process's to handle (it saves, then ends)
+    common: dict[str, Any] = dict(
+        num_workers=cfg.workers, collate_fn=collate_fn, worker_init_fn=ignore_stop_signals
+    )
     train = DataLoader(
         items,
         batch_sampler=batches,

@@ -59,6 +59,7 @@ from detfit.engine.runlock import RunLock
 from detfit.errors import DetfitError, Interrupted
 from detfit.eval.assembly import evaluate_run, prepare_model
 from detfit.eval.loop import EvaluationResult
+from detfit.memory import check_resize_fits
 from detfit.models import (
     build_model,
     iou_types,
@@ -260,6 +261,7 @@ class Trainer(RunFolderMixin):
         seed_everything(cfg.seed)  # the same initial weights on every rank
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        check_resize_fits(cfg.model_options, cfg.batch_size, cfg.eval_batch_size)
         with distributed.main_first():  # rank 0 downloads Penn-Fudan if needed
             self.data = build_datasets(cfg, log=self.log)
         self.module, self.info = self._build_model()

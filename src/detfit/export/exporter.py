@@ -17,7 +17,7 @@ from detfit.errors import DetfitError
 from detfit.export.formats import FORMATS, SUFFIXES, metadata, output_keys, to_onnx, to_torchscript
 from detfit.export.parity import HEADER, ImageParity, compare
 from detfit.export.transform import for_export
-from detfit.fileio import atomic_write
+from detfit.fileio import atomic_write, remove_leftovers_of
 from detfit.predict.backends import EagerRunner, load_backend
 
 # Measured refusals (README "Predict and export"): the exported graph is wrong at every size.
@@ -101,13 +101,16 @@ def export_model(
     if quantize and fmt != "onnx":
         raise DetfitError(f"--quantize int8: ONNX Runtime quantizes ONNX models, not {fmt}")
     loaded = load_model(source, "cpu")
-    path, info, config, model = loaded.path, loaded.info, loaded.config, loaded.model
+    path, info, model = loaded.path, loaded.info, loaded.model
+    config = loaded.config or {}  # a checkpoint without its training config: no data to find
     reason = REFUSED.get((family(info["name"]), fmt))
     if reason:
         raise DetfitError(f"{info['name']}: cannot export to {fmt}: {reason}")
     suffix = (".int8" if quantize else "") + SUFFIXES[fmt]
     out = Path(out) if out else path.with_name(path.name.removesuffix(".pt") + suffix)
-    samples = file_images(images) if images else test_split_images(config, MIN_IMAGES)
+    # a checkpoint without its training config has no data to look for
+    found = test_split_images(config, MIN_IMAGES) if config and not images else []
+    samples = file_images(images) if images else found
     if quantize:
         calibration = _calibration_images(calibration_images, config, path)
     elif check and not samples:
@@ -127,6 +130,8 @@ def export_model(
             else to_torchscript(exportable, meta)
         )
     partial = out.with_name(f".{out.name}.partial{out.suffix}")
+    # a stopped export of the same file left these: this one replaces them
+    remove_leftovers_of(out, (partial.name, f".{out.name}.partial.int8{out.suffix}"))
     atomic_write(partial, lambda f: f.write(data))
     if quantize:
         _write_int8(partial, out, calibration, info, config, check, max_ap_drop, log)
@@ -172,7 +177,7 @@ def _calibration_images(
     from detfit.export.quantize import CALIBRATION_IMAGES, training_images
 
     if not paths:
-        found = training_images(config, CALIBRATION_IMAGES)
+        found = training_images(config, CALIBRATION_IMAGES) if config else []
         if not found:
             raise DetfitError(
                 f"{checkpoint}: the checkpoint's training data is not at hand to calibrate int8; "

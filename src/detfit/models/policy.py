@@ -12,7 +12,7 @@ from detfit.models.registry import get_spec, options_not_taken
 
 if TYPE_CHECKING:
     from detfit.config import TrainConfig
-    from detfit.engine.builders import Datasets
+    from detfit.data.loaders import Datasets
 
 # COCO's metric counts at most 100 detections per image: no cap above it changes AP.
 COCO_MAX_DETECTIONS = 100
