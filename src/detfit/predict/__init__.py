@@ -17,7 +17,14 @@ _HOMES = {
     "predict_inputs": "detfit.predict.run",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "Prediction",
+    "Predictor",
+    "Slicing",
+    "draw_prediction",
+    "load_backend",
+    "predict_inputs",
+]
 
 
 def __getattr__(name: str) -> Any:
