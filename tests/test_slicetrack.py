@@ -415,6 +415,21 @@ def test_eval_slice_scores_what_predict_slice_writes(tmp_path, monkeypatch, caps
         assert expected[iou_type]["AP"] > 0.3
         assert evaluator.stats[0] == pytest.approx(expected[iou_type]["AP"], abs=1e-6)
         assert evaluator.stats[1] == pytest.approx(expected[iou_type]["AP50"], abs=1e-6)
+    # a run trained with tta: true and scored with --slice: sliced, without the run's TTA
+    from detfit.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    ckpt["config"]["tta"] = True
+    with_tta = tmp_path / "with_tta.pt"
+    save_checkpoint(with_tta, ckpt)
+    again = tmp_path / "again.json"
+    code, _, err = run_main(
+        monkeypatch, capsys, "eval", with_tta, "--data", f"coco:{sub},val={sub}", "--json",
+        again, "--no-plots", "--slice", "48",
+    )  # fmt: skip
+    assert code in (None, 0), err
+    assert "sliced in 48 px tiles, without the run's test-time augmentation" in err
+    assert json.loads(again.read_text()) == expected
 
 
 def test_scattered_small_objects_are_where_their_annotations_say(tmp_path):

@@ -388,3 +388,29 @@ def test_a_second_signal_aborts_at_once_but_a_forwarded_duplicate_does_not():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_progress_bar_updates_loss_every_print_freq_iterations():
+    """print_freq=3 over a 7-step epoch: the bar shows the loss after steps 3, 6 and the last
+    (7), and never the losses of the steps between."""
+    import io
+    from types import SimpleNamespace
+
+    from detfit.engine.callbacks import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(every=3, file=out)
+    trainer = SimpleNamespace(
+        iters_per_epoch=7,
+        iteration=0,
+        epoch_label=lambda: "epoch 1/1",
+        meter=SimpleNamespace(mean_loss=0.0),
+        optimizer=SimpleNamespace(param_groups=[{"lr": 0.01}]),
+    )
+    bar.on_epoch_start(trainer)
+    for step in range(1, 8):
+        trainer.iteration, trainer.meter.mean_loss = step, float(step)
+        bar.on_step_end(trainer, None)
+    shown = sorted(set(re.findall(r"loss=(\d)\.000", out.getvalue())))
+    assert shown == ["3", "6", "7"]
+    assert "7/7" in out.getvalue() and bar.bar is None  # closed at the epoch's end

@@ -4,15 +4,15 @@ temporary file + rename), read (``weights_only``: no code runs from the file), d
 run folder means.
 
 Every command that reads a model (``eval``, ``predict``, ``export``, ``serve``) calls
-:func:`load_model`; the trainer writes checkpoints with :func:`save_checkpoint` and continues one
-with :func:`load_checkpoint` and :func:`training_model`.
+:func:`load_model`; the trainer writes a :class:`ResumeState` (:meth:`ResumeState.payload`) and
+continues one read with :func:`resume_state`, so no other module knows the checkpoint's keys.
 """
 
 from __future__ import annotations
 
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -222,11 +222,106 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     return LoadedModel(file, model.to(device).eval(), dict(ckpt["model_info"]), config)
 
 
-def training_model(ckpt: dict[str, Any], source: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The model a resumed run continues training, and its ``model_info``: the raw training
-    weights (a run with EMA also keeps them, beside the averaged ones it evaluates)."""
-    weights = ckpt.get("train_model") or ckpt["model"]
-    return rebuild_model(ckpt["model_info"], weights, source), ckpt["model_info"]
+# What only a resumable checkpoint (last.pt) holds; without them it is weights-only.
+RESUME_KEYS = ("optimizer", "scheduler", "history", "epoch")
+
+
+@dataclass
+class ResumeState:
+    """Everything last.pt holds to continue a run from the very step it was saved at.
+
+    The trainer fills one to save (:meth:`payload`) and gets one back from :func:`resume_state`,
+    which also supplies what checkpoints written by earlier versions lack, so the key names and
+    their history live here alone. ``epoch`` is the index of the current epoch (from 0) and
+    ``iteration`` the steps done in it; ``evaluated`` says the epoch ended with its evaluation.
+    """
+
+    model: dict[str, Any]  # the evaluated weights (EMA's when on)
+    model_info: dict[str, Any]
+    config: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    history: list[dict[str, Any]]
+    epoch: int = 0
+    iteration: int = 0
+    evaluated: bool = True
+    global_step: int = 0
+    iters_per_epoch: int = 0
+    world_size: int = 1
+    seconds: float = 0.0  # training time spent so far (a time budget counts it)
+    metric_key: str | None = None
+    scaler: dict[str, Any] | None = None
+    rng: list[dict[str, Any]] | None = None  # one per rank
+    meter: dict[str, Any] | None = None  # the epoch's running loss means
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None
+    stopped: str | None = None  # why a time budget or patience ended the run
+    train_model: dict[str, Any] | None = None  # the raw weights, when ``model`` is EMA's
+
+    def payload(self) -> dict[str, Any]:
+        """The dictionary written to disk (``epoch`` counted from 1 there, as in the metrics)."""
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["epoch"] = self.epoch + 1
+        if self.train_model is None:
+            del out["train_model"]
+        return out
+
+    @property
+    def done(self) -> int:
+        """Epochs trained and evaluated."""
+        return len(self.history)
+
+    def training_model(self, source: str) -> nn.Module:
+        """The model a resumed run continues training: the raw training weights (a run with EMA
+        also keeps them, beside the averaged ones it evaluates)."""
+        return rebuild_model(self.model_info, self.train_model or self.model, source)
+
+
+def resume_state(path: str | Path) -> ResumeState:
+    """Read ``path`` (a last.pt) to continue its run; a weights-only file is one line."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise DetfitError(
+            f"{path}: a weights-only checkpoint (no {', '.join(missing)}) cannot be resumed"
+        )
+    history = list(ckpt["history"])
+    rng = ckpt.get("rng")
+    return ResumeState(
+        model=ckpt["model"],
+        model_info=ckpt["model_info"],
+        config=ckpt["config"],
+        optimizer=ckpt["optimizer"],
+        scheduler=ckpt["scheduler"],
+        history=history,
+        # checkpoints from before mid-epoch saves (no "iteration") count "epoch" from 0
+        epoch=int(ckpt["epoch"]) - ("iteration" in ckpt),
+        iteration=int(ckpt.get("iteration", 0)),
+        evaluated=bool(ckpt.get("evaluated", True)),  # older checkpoints: epoch ends only
+        global_step=int(ckpt.get("global_step", 0)),
+        iters_per_epoch=int(ckpt.get("iters_per_epoch", 0)),
+        world_size=int(ckpt.get("world_size", 1)),
+        seconds=float(ckpt.get("seconds", 60 * (history or [{}])[-1].get("minutes", 0))),
+        metric_key=ckpt.get("metric_key"),
+        scaler=ckpt.get("scaler"),
+        rng=[rng] if isinstance(rng, dict) else rng,
+        meter=ckpt.get("meter"),
+        callbacks=ckpt.get("callbacks")
+        or {
+            "EMA": {"updates": ckpt.get("ema_updates", 0)},
+            "Checkpointer": {"best": ckpt.get("best", -1.0)},
+        },
+        budget=ckpt.get("budget"),
+        stopped=ckpt.get("stopped"),
+        train_model=ckpt.get("train_model"),
+    )
+
+
+def best_payload(state: ResumeState) -> dict[str, Any]:
+    """What best.pt keeps of a run's state (:data:`BEST_KEYS`: no optimizer, schedule or RNG)."""
+    payload = state.payload()
+    return {k: payload[k] for k in BEST_KEYS if k in payload}
 
 
 def strip_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, int, int]:

@@ -382,7 +382,9 @@ class TrainConfig(BaseModel):
     aspect_ratio_group_factor: Annotated[int, Strict(), Field(ge=-1)] = Field(
         3, description="grouped batching by aspect ratio; -1 disables it"
     )
-    print_freq: PositiveInt = Field(10, description="iterations between log lines")
+    print_freq: PositiveInt = Field(
+        10, description="iterations between progress-bar updates of the loss and learning rate"
+    )
     plots: bool = Field(
         True,
         description="results.png every epoch; PR curves, confusion matrix and val_predictions.jpg "

@@ -185,13 +185,12 @@ def main_first() -> Iterator[None]:
         barrier()
 
 
-def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` for training in this world: DistributedDataParallel when there are several
-    processes (optionally with SyncBatchNorm), the model itself otherwise."""
+    processes, the model itself otherwise (the trainer converts SyncBatchNorm before, since the
+    EMA copy must hold the converted layers too)."""
     if world_size() == 1:
         return model
-    if sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
 

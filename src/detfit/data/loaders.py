@@ -3,6 +3,7 @@ held-out images) and this process's loaders. Training and ``detfit eval`` build 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,6 @@ from detfit.data.adapt import DataSizes, data_sizes
 from detfit.data.copy_paste import CopyPaste
 from detfit.data.formats.masks import read_mask_folder
 from detfit.data.sampling import EpochBatches, PerItemSeed, ShardBatches
-from detfit.engine.interrupt import ignore_stop_signals
 from detfit.errors import DetfitError
 
 
@@ -201,3 +201,15 @@ def build_loaders(cfg: TrainConfig, data: Datasets, rank: int = 0, world_size: i
     shards = ShardBatches(len(data.test), cfg.eval_batch_size, rank, world_size)
     test = DataLoader(data.test, batch_sampler=shards, **common)
     return Loaders(train, test, batches, items)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn``: SIGTERM and SIGINT are left to the main process.
+
+    A stop sent to the whole process group (``timeout``, a scheduler's SIGTERM, Ctrl-C in a
+    terminal) reaches the workers too; torch's workers die of it by default, and the main process
+    then fails with "DataLoader worker (pid N) is killed by signal" instead of finishing its step
+    and saving. Ignoring it here lets the main process stop as it would alone; the workers end
+    with it (they watch their parent), and SIGKILL still ends them at once."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)

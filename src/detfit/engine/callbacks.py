@@ -76,8 +76,8 @@ class EMA(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.ema = ema_model(trainer.module, self.decay)
-        if trainer.checkpoint is not None:  # resuming: "model" holds the averaged weights
-            self.ema.module.load_state_dict(trainer.checkpoint["model"])
+        if trainer.checkpoint is not None:  # resuming: its model holds the averaged weights
+            self.ema.module.load_state_dict(trainer.checkpoint.model)
             self.ema.n_averaged.fill_(self._updates)
         trainer.eval_model = self.ema.module
 
@@ -251,11 +251,15 @@ class ConsoleLog(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar per epoch, starting where a resumed epoch starts."""
+    """A tqdm bar per epoch, starting where a resumed epoch starts; its loss and learning rate
+    are brought up to date every ``every`` iterations (the ``print_freq`` setting), and the
+    epoch's last one, so that a log file gets one line per ``every`` steps, not one per step."""
 
     main_process_only = True
 
-    def __init__(self) -> None:
+    def __init__(self, every: int = 1, file: Any = None) -> None:
+        self.every = every
+        self.file = file  # tqdm's default (stderr) when None
         self.bar = None
 
     def on_epoch_start(self, trainer: Trainer) -> None:
@@ -264,17 +268,22 @@ class ProgressBar(Callback):
             initial=trainer.iteration,
             desc=trainer.epoch_label(),
             dynamic_ncols=True,
+            file=self.file,
+            miniters=self.every,
+            mininterval=0,
         )
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         if self.bar is None:
             return
+        last = trainer.iteration >= trainer.iters_per_epoch
+        if trainer.iteration % self.every == 0 or last:
+            self.bar.set_postfix(
+                loss=f"{trainer.meter.mean_loss:.3f}",
+                lr=f"{trainer.optimizer.param_groups[0]['lr']:.2e}",
+                refresh=False,
+            )
         self.bar.update(1)
-        self.bar.set_postfix(
-            loss=f"{trainer.meter.mean_loss:.3f}",
-            lr=f"{trainer.optimizer.param_groups[0]['lr']:.2e}",
-            refresh=False,
-        )
         if trainer.iteration >= trainer.iters_per_epoch:
             self._close()
 

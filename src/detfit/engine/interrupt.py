@@ -53,15 +53,3 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A DataLoader worker's ``worker_init_fn``: SIGTERM and SIGINT are left to the main process.
-
-    A stop sent to the whole process group (``timeout``, a scheduler's SIGTERM, Ctrl-C in a
-    terminal) reaches the workers too; torch's workers die of it by default, and the main process
-    then fails with "DataLoader worker (pid N) is killed by signal" instead of finishing its step
-    and saving. Ignoring it here lets the main process stop as it would alone; the workers end
-    with it (they watch their parent), and SIGKILL still ends them at once."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from detfit import distributed
-from detfit.checkpoint import RUN_FILES, holds_run, load_checkpoint
+from detfit.checkpoint import RUN_FILES, holds_run, resume_state
 from detfit.config import SPEED_UPS_OFF, TrainConfig
 from detfit.engine.runlock import RunLock
 from detfit.errors import DetfitError, RunRefused
@@ -97,28 +97,23 @@ class RunFolderMixin:
             self._restart_from_scratch(path)
             return
         self._resumed_stat = checkpoint_stat(path)
-        ckpt = load_checkpoint(path)
-        missing = [k for k in ("optimizer", "scheduler", "history", "epoch") if k not in ckpt]
-        if missing:
-            raise DetfitError(
-                f"{path}: a weights-only checkpoint (no {', '.join(missing)}) cannot be resumed"
-            )
+        ckpt = resume_state(path)
         self.run_dir = path if path.is_dir() else path.parent
-        cfg = TrainConfig.from_dict(ckpt["config"], f"{self.run_dir}/last.pt")
+        cfg = TrainConfig.from_dict(ckpt.config, f"{self.run_dir}/last.pt")
         self._check_same_run(cfg)
         changed = self._apply_overrides(cfg)
-        done = len(ckpt.get("history", []))
-        complete = cfg.epochs < done or (cfg.epochs == done and ckpt.get("evaluated", True))
-        planned = (ckpt.get("budget") or {}).get("planned", cfg.epochs)
-        if ckpt.get("stopped") and ckpt.get("evaluated", True):
+        done = ckpt.done
+        complete = cfg.epochs < done or (cfg.epochs == done and ckpt.evaluated)
+        planned = (ckpt.budget or {}).get("planned", cfg.epochs)
+        if ckpt.stopped and ckpt.evaluated:
             # a time budget or patience ended it: done, unless one of those settings changed
             complete = complete or not {"epochs", "time_budget", "patience"} & set(changed)
-        elif planned == done and ckpt.get("evaluated", True) and "time_budget" not in changed:
+        elif planned == done and ckpt.evaluated and "time_budget" not in changed:
             complete = complete or "epochs" not in changed
         if complete and finished_ok:
             self.finished = True
         elif complete:
-            why = f" ({ckpt['stopped']})" if ckpt.get("stopped") else ""
+            why = f" ({ckpt.stopped})" if ckpt.stopped else ""
             raise DetfitError(
                 f"--resume {self.run_dir}: the run has already trained {done} epoch(s){why}; "
                 f"give --epochs N with N > {done} (or a longer --time) to train it further"

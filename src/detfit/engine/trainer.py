@@ -24,10 +24,10 @@ import torch
 
 from detfit import distributed
 from detfit.checkpoint import (
-    BEST_KEYS,
+    ResumeState,
+    best_payload,
     model_info,
     save_checkpoint,
-    training_model,
 )
 from detfit.config import RECIPES, TrainConfig
 from detfit.data.adapt import adapt_anchors, adapt_options
@@ -169,7 +169,7 @@ class Trainer(RunFolderMixin):
         self.user_callbacks = list(callbacks)
         self._log = log
         # the run's state, public for callbacks
-        self.checkpoint: dict[str, Any] | None = None  # what a resume started from
+        self.checkpoint: ResumeState | None = None  # what a resume started from
         self.epoch = 0  # index of the current epoch (shown as epoch + 1 everywhere)
         self.iteration = 0  # batches trained in the current epoch
         self.evaluated = False  # the current epoch's evaluation and metrics row are done
@@ -212,14 +212,12 @@ class Trainer(RunFolderMixin):
     def save_checkpoint(self, name: str, resumable: bool = True) -> Path:
         """Write ``run_dir/name`` with everything needed to continue from this very step (every
         rank's RNG state included: call it on every rank), or with ``resumable=False`` only what
-        prediction and export need (BEST_KEYS: no optimizer state). Returns the path."""
+        prediction and export need (no optimizer state). Returns the path."""
         rngs = distributed.gather_to_main(rng_state())
         path = self.run_dir / name
         if distributed.is_main():
-            payload = self._payload(rngs)
-            if not resumable:
-                payload = {k: payload[k] for k in BEST_KEYS if k in payload}
-            save_checkpoint(path, payload)
+            state = self._state(rngs)
+            save_checkpoint(path, state.payload() if resumable else best_payload(state))
         distributed.barrier()
         self._fire("on_checkpoint", path)
         return path
@@ -251,7 +249,7 @@ class Trainer(RunFolderMixin):
         self.run_dir = self._choose_run_dir()
         if self.finished:  # the kill may have come before the metrics files were rewritten
             if distributed.is_main():
-                write_metrics(self.run_dir, self.checkpoint["history"])
+                write_metrics(self.run_dir, self.checkpoint.history)
             return
         cfg = self.cfg  # a restart may have loaded the run's own settings
         cfg.out = str(self.run_dir)
@@ -326,7 +324,7 @@ class Trainer(RunFolderMixin):
     def _build_model(self) -> tuple[torch.nn.Module, dict[str, Any]]:
         cfg, ckpt = self.cfg, self.checkpoint
         if ckpt is not None:
-            return training_model(ckpt, f"{self.run_dir}/last.pt")
+            return ckpt.training_model(f"{self.run_dir}/last.pt"), ckpt.model_info
         adapt_to_data(cfg, self.data, self.log)
         options = options_for_data(cfg, self.data, self.log)
         model = build_model(
@@ -362,61 +360,48 @@ class Trainer(RunFolderMixin):
 
             callbacks.append(MLflowLogger())
         if self.progress:
-            callbacks.append(ProgressBar())
+            callbacks.append(ProgressBar(cfg.print_freq))
         return callbacks
 
-    def _payload(self, rngs: list[dict[str, Any]] | None) -> dict[str, Any]:
-        payload = {
-            "model": self.eval_model.state_dict(),
-            "model_info": self.info,
-            "config": self.cfg.to_dict(),
-            "epoch": self.epoch + 1,  # counted from 1, as in metrics and every message
-            "iteration": self.iteration,
-            "evaluated": self.evaluated,
-            "global_step": self.global_step,
-            "iters_per_epoch": self.iters_per_epoch,
-            "world_size": self.world_size,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rngs,
-            "meter": self.meter.state_dict(),
-            "seconds": self.minutes * 60,
-            "history": self.history,
-            "metric_key": self.metric_key,
-            "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks},
-            "budget": self.budget.state_dict() if self.budget is not None else None,
-            "stopped": self.stop_reason,
-        }
-        if self.eval_model is not self.module:
-            payload["train_model"] = self.module.state_dict()
-        return payload
-
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler is not None and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.history = list(ckpt["history"])
-        # "epoch" counts from 1; checkpoints from before mid-epoch saves (no "iteration") from 0
-        self.epoch = int(ckpt["epoch"]) - ("iteration" in ckpt)
-        self.iteration = int(ckpt.get("iteration", 0))
-        self.evaluated = bool(ckpt.get("evaluated", True))  # older checkpoints: epoch ends only
-        self.global_step = int(ckpt.get("global_step", 0))
-        self.seconds_before = float(
-            ckpt.get("seconds", 60 * (self.history or [{}])[-1].get("minutes", 0))
+    def _state(self, rngs: list[dict[str, Any]] | None) -> ResumeState:
+        return ResumeState(
+            model=self.eval_model.state_dict(),
+            model_info=self.info,
+            config=self.cfg.to_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            history=self.history,
+            epoch=self.epoch,
+            iteration=self.iteration,
+            evaluated=self.evaluated,
+            global_step=self.global_step,
+            iters_per_epoch=self.iters_per_epoch,
+            world_size=self.world_size,
+            seconds=self.minutes * 60,
+            metric_key=self.metric_key,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            rng=rngs,
+            meter=self.meter.state_dict(),
+            callbacks={type(cb).__name__: cb.state_dict() for cb in self.callbacks},
+            budget=self.budget.state_dict() if self.budget is not None else None,
+            stopped=self.stop_reason,
+            train_model=self.module.state_dict() if self.eval_model is not self.module else None,
         )
-        if ckpt.get("meter") and not self.evaluated:
-            self.meter = LossMeter.from_state(ckpt["meter"])
-        states = ckpt.get("callbacks") or {
-            "EMA": {"updates": ckpt.get("ema_updates", 0)},
-            "Checkpointer": {"best": ckpt.get("best", -1.0)},
-        }
+
+    def _restore(self, state: ResumeState) -> None:
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if self.scaler is not None and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        self.history = list(state.history)
+        self.epoch, self.iteration = state.epoch, state.iteration
+        self.evaluated, self.global_step = state.evaluated, state.global_step
+        self.seconds_before = state.seconds
+        if state.meter and not self.evaluated:
+            self.meter = LossMeter.from_state(state.meter)
         for cb in self.callbacks:
-            cb.load_state_dict(states.get(type(cb).__name__, {}))
-        rngs = ckpt.get("rng")
-        rngs = [rngs] if isinstance(rngs, dict) else rngs
-        saved_world = int(ckpt.get("world_size", 1))
+            cb.load_state_dict(state.callbacks.get(type(cb).__name__, {}))
+        rngs, saved_world = state.rng, state.world_size
         if saved_world != self.world_size and not self.evaluated:
             # another number of processes: the epoch's position in samples, roughly kept
             self.iteration = self.iteration * saved_world // self.world_size
@@ -521,16 +506,15 @@ class Trainer(RunFolderMixin):
         if not cfg.time_budget:
             return None
         fresh = TimeBudget.from_setting(cfg.time_budget, cfg.epochs)
-        state = (ckpt or {}).get("budget")
-        if not state:
+        if ckpt is None or not ckpt.budget:
             return fresh
-        budget = TimeBudget.from_state(state)
+        budget = TimeBudget.from_state(ckpt.budget)
         budget.seconds, budget.cap = fresh.seconds, cfg.epochs
-        budget.planned = min(max(budget.planned, len(ckpt["history"])), cfg.epochs)
-        if ckpt.get("evaluated", True) and budget.measured and ckpt["history"]:
+        budget.planned = min(max(budget.planned, ckpt.done), cfg.epochs)
+        if ckpt.evaluated and budget.measured and ckpt.done:
             # a new budget or cap on resume: plan from the last epoch's cost
             cost = budget.seconds_per_iter * self.iters_per_epoch + budget.eval_seconds
-            why = budget.plan(float(ckpt.get("seconds", 0.0)), len(ckpt["history"]), 0.0, cost)
+            why = budget.plan(ckpt.seconds, ckpt.done, 0.0, cost)
             self.log(f"time budget {cfg.time_budget}: planned {budget.planned} epochs ({why})")
             self._planned = True
         return budget

@@ -95,6 +95,9 @@ def evaluate_checkpoint(
         if slicing is not None:
             scored += f", sliced in {slicing.size} px tiles"
             scored += "" if slicing.full else " (no whole-image pass)"
+            if cfg.tta and tta is None:  # the run's own setting gives way to the asked slicing
+                scored += ", without the run's test-time augmentation"
+                tta = False
         if main():  # only now: a checkpoint that does not load is one line, this one is not
             log(f"scoring {len(datasets.test)} images: {scored}")
         result = evaluate_run(
