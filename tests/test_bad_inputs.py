@@ -265,7 +265,7 @@ CHECKPOINT_CASES = {
     "not a checkpoint": ("garbage.pt", ["garbage.pt", "not a readable checkpoint"]),
     "no such file": ("nowhere.pt", ["nowhere.pt", "not found"]),
     "a plain pickle": ("plain.pt", ["plain.pt", "not a readable checkpoint"]),
-    "no training config": ("no_config.pt", ["no_config.pt", "no training config"]),
+    "no training config": ("no_config.pt", ["no_config.pt", "holds no run settings"]),
 }
 
 

@@ -58,16 +58,16 @@ class VirtualClock(Callback):
 
     def __init__(self, rank: int, epoch: int, slow: float) -> None:
         self.rank, self.epoch, self.slow, self.now = rank, epoch, slow, 0.0
-        import detfit.engine.trainer as trainer_module
+        import detfit.eval.assembly as assembly
 
-        real = trainer_module.evaluate
+        real = assembly.evaluate
 
         def evaluate(model, loader, *args, **kwargs):
             batches = list(loader)
             self.now += sum(len(images) for images, _ in batches)
             return real(model, batches, *args, **kwargs)
 
-        trainer_module.evaluate = evaluate
+        assembly.evaluate = evaluate
 
     def __call__(self) -> float:
         return self.now
