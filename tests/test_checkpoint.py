@@ -11,9 +11,12 @@ import torch
 
 from conftest import FAST_EVAL, SMALL, run_config
 from detfit.checkpoint import (
+    ResumeState,
+    best_payload,
     load_checkpoint,
     load_model,
     model_info,
+    resume_state,
     save_checkpoint,
     strip_checkpoint,
 )
@@ -115,3 +118,43 @@ def test_every_command_reads_the_same_file_of_a_run_folder(run_folder, tmp_path)
     of_best = evaluate_checkpoint(run_folder / "best.pt", **quiet)
     assert of_folder.stats == of_best.stats
     assert set(of_folder.stats) == {"bbox", "segm"} and of_folder.num_images == 3
+
+
+def test_resume_state_round_trips_and_reads_older_checkpoints(tmp_path):
+    """What the trainer saves it reads back field for field (``epoch`` from 1 on disk, from 0 in
+    memory); a checkpoint from before mid-epoch saves (no ``iteration``, one RNG dict, ``best``
+    and ``ema_updates`` at the top) reads as the epoch end it was; best.pt keeps no optimizer."""
+    weights = {"w": torch.arange(3.0)}
+    state = ResumeState(
+        model=weights, model_info={"name": MODEL}, config={"epochs": 4}, optimizer={"o": 1},
+        scheduler={"s": 2}, history=[{"epoch": 1}, {"epoch": 2}], epoch=2, iteration=5,
+        evaluated=False, global_step=19, iters_per_epoch=7, world_size=2, seconds=81.5,
+        metric_key="segm_AP", rng=[{"seed": 1}, {"seed": 2}], callbacks={"EMA": {"updates": 19}},
+        stopped=None, train_model={"w": torch.zeros(3)},
+    )  # fmt: skip
+    save_checkpoint(tmp_path / "last.pt", state.payload())
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+    back = resume_state(tmp_path / "last.pt")
+    assert torch.equal(back.model["w"], weights["w"]) and torch.equal(
+        back.train_model["w"], 0 * weights["w"]
+    )
+    for name in ("epoch", "iteration", "evaluated", "global_step", "world_size", "seconds", "rng"):
+        assert getattr(back, name) == getattr(state, name), name
+    assert back.done == 2 and back.callbacks == {"EMA": {"updates": 19}}
+    best = best_payload(state)
+    assert "optimizer" not in best and "rng" not in best and best["epoch"] == 3
+
+    old = {
+        k: v for k, v in state.payload().items() if k not in ("iteration", "callbacks", "seconds")
+    }
+    old.update(epoch=2, rng={"seed": 7}, best=0.42, ema_updates=14, history=[{"minutes": 1.5}] * 2)
+    save_checkpoint(tmp_path / "old.pt", old)
+    back = resume_state(tmp_path / "old.pt")
+    assert (back.epoch, back.iteration, back.evaluated) == (2, 0, False)  # "evaluated" was saved
+    assert back.rng == [{"seed": 7}] and back.seconds == 90.0
+    assert back.callbacks == {"EMA": {"updates": 14}, "Checkpointer": {"best": 0.42}}
+    save_checkpoint(tmp_path / "weights.pt", {"model": weights, "model_info": {"name": MODEL}})
+    with pytest.raises(
+        DetfitError, match="weights-only checkpoint .no optimizer, scheduler, history, epoch"
+    ):
+        resume_state(tmp_path / "weights.pt")
