@@ -388,14 +388,19 @@ def test_eval_slice_scores_what_predict_slice_writes(tmp_path, monkeypatch, caps
             )
     sub = coco_file.with_name("subset.json")
     sub.write_text(json.dumps(subset))
-    stats = tmp_path / "stats.json"
-    code, _, err = run_main(
-        monkeypatch, capsys, "eval", checkpoint, "--data", f"coco:{sub},val={sub}", "--json",
-        stats, "--no-plots", "--slice", "48",
-    )  # fmt: skip
-    assert code in (None, 0), err
+
+    def eval_sliced(model_file: Path) -> tuple[dict, str]:
+        """``detfit eval MODEL --slice 48`` on the subset: its JSON stats and its stderr."""
+        stats = model_file.with_suffix(".stats.json")
+        code, _, err = run_main(
+            monkeypatch, capsys, "eval", model_file, "--data", f"coco:{sub},val={sub}", "--json",
+            stats, "--no-plots", "--slice", "48",
+        )  # fmt: skip
+        assert code in (None, 0), err
+        return json.loads(stats.read_text()), err
+
+    expected, err = eval_sliced(checkpoint)
     assert "sliced in 48 px tiles" in err
-    expected = json.loads(stats.read_text())
     results = tmp_path / "results.json"
     images = [folder / im["file_name"] for im in subset["images"]]
     code, _, err = run_main(
@@ -422,14 +427,9 @@ def test_eval_slice_scores_what_predict_slice_writes(tmp_path, monkeypatch, caps
     ckpt["config"]["tta"] = True
     with_tta = tmp_path / "with_tta.pt"
     save_checkpoint(with_tta, ckpt)
-    again = tmp_path / "again.json"
-    code, _, err = run_main(
-        monkeypatch, capsys, "eval", with_tta, "--data", f"coco:{sub},val={sub}", "--json",
-        again, "--no-plots", "--slice", "48",
-    )  # fmt: skip
-    assert code in (None, 0), err
+    again, err = eval_sliced(with_tta)
     assert "sliced in 48 px tiles, without the run's test-time augmentation" in err
-    assert json.loads(again.read_text()) == expected
+    assert again == expected
 
 
 def test_scattered_small_objects_are_where_their_annotations_say(tmp_path):
