@@ -253,7 +253,7 @@ class ConsoleLog(Callback):
 class ProgressBar(Callback):
     """A tqdm bar per epoch, starting where a resumed epoch starts; its loss and learning rate
     are brought up to date every ``every`` iterations (the ``print_freq`` setting), and the
-    epoch's last one, so that a log file gets one line per ``every`` steps, not one per step."""
+    epoch's last one, so that a log file gets one update per ``every`` steps, not one per step."""
 
     main_process_only = True
 
