@@ -75,9 +75,13 @@ def test_sweep_runs_variants_in_parallel_and_summarises(synthetic_root, tmp_path
     assert "1 variant(s) failed: typo" in result.stderr
     table = json.loads(summary.read_text())
     assert list(table) == ["plain", "mask_x3", "typo"] and table["typo"] == []
-    for rows in (table["plain"], table["mask_x3"]):
-        assert [r["epoch"] for r in rows] == [1, 2]
-        assert all(-1.0 <= r["segm_AP"] <= 1.0 and r["train_loss"] > 0 for r in rows)
+    for name in ("plain", "mask_x3"):  # each variant's summary is what its own run recorded
+        recorded = json.loads((tmp_path / "out" / name / "metrics.json").read_text())
+        assert [r["epoch"] for r in table[name]] == [1, 2]
+        for row, run_row in zip(table[name], recorded, strict=True):
+            assert {k: run_row[k] for k in row} == row
+    # the mask loss counted three times is a different training
+    assert table["mask_x3"][0]["train_loss"] != table["plain"][0]["train_loss"]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("typo: exit 1: ") and "loss_msk not among" in lines[0]
     assert lines[1].startswith("3 variants, ")

@@ -17,6 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import detfit.predict.overlay as overlay_module
+from cocokit import assert_scores_equal, reference_scores, row_scores
 from conftest import SMALL, TINY, run_main
 from detfit.config import TrainConfig
 from detfit.data import (
@@ -536,10 +537,11 @@ def test_multiclass_training_in_every_format(formats, name, tmp_path, monkeypatc
     )
     run = fit(cfg, progress=False, log=lambda _: None)
     (row,) = json.loads((run / "metrics.json").read_text())
+    reference = reference_scores(run / "last.pt")  # pycocotools on the saved model's detections
     for iou_type in ("bbox", "segm") if name in MASK_FORMATS else ("bbox",):
         per_class = {k: v for k, v in row.items() if k.startswith(f"{iou_type}_AP/")}
         assert sorted(k.split("/")[1] for k in per_class) == sorted(SYNTHETIC_CLASSES)
-        assert all(v == -1.0 or 0.0 <= v <= 1.0 for v in per_class.values())
+        assert_scores_equal(row_scores(row, iou_type), reference[iou_type])
         assert (run / f"pr_curve_{iou_type}.png").is_file() == cfg.plots
     for picture in ("results.png", "confusion_matrix.png", "val_predictions.jpg"):
         assert (run / picture).is_file() == cfg.plots
@@ -631,7 +633,10 @@ def test_eval_on_another_dataset_spec(formats, tmp_path, monkeypatch, capsys):
     )
     assert code in (0, None)
     stats = json.loads(out[out.index("{") :])
-    assert set(stats) == {"bbox"} and -1.0 <= stats["bbox"]["AP"] <= 1.0
+    assert set(stats) == {"bbox"}
+    # every image of the file scored (not the run's own split), as pycocotools scores them
+    reference = reference_scores(run / "last.pt", data=f"coco:{coco_json},val={coco_json}")
+    assert_scores_equal(stats["bbox"], reference["bbox"])
     code, _, err = run_main(monkeypatch, capsys, "eval", run / "last.pt", "--data", formats["voc"])
     assert code == 2
     assert (
@@ -657,7 +662,9 @@ def test_keypoint_rcnn_trains_on_coco_keypoints(coco_detail, tmp_path):
     )
     run = fit(cfg, progress=False, log=lambda _: None)
     (row,) = json.loads((run / "metrics.json").read_text())
-    assert {"bbox_AP", "keypoints_AP"} <= set(row) and -1.0 <= row["keypoints_AP"] <= 1.0
+    reference = reference_scores(run / "last.pt")  # OKS with the file's 3-point skeleton
+    for iou_type in ("bbox", "keypoints"):
+        assert_scores_equal(row_scores(row, iou_type), reference[iou_type])
     info = json.loads(json.dumps(torch.load(run / "last.pt", weights_only=True)["model_info"]))
     assert info["options"]["num_keypoints"] == 3  # from the dataset's category
 

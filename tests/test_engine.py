@@ -19,6 +19,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import detfit.engine.trainer as trainer_module
+from cocokit import (
+    assert_scores_equal,
+    pycocotools_scores,
+    reference_scores,
+    row_scores,
+    run_model,
+)
 from conftest import SMALL, fit_until_second_evaluation, run_config
 from detfit.checkpoint import load_checkpoint, rebuild_model, save_checkpoint
 from detfit.config import TrainConfig
@@ -307,18 +314,46 @@ def test_evaluate_with_perfect_predictions(synthetic_root):
     [("maskrcnn_mobilenet_v2_fpn", {"bbox", "segm"}), ("fasterrcnn_mobilenet_v2_fpn", {"bbox"})],
 )
 def test_evaluate_a_model(name, iou_types, synthetic_root):
+    """``evaluate`` as the references call it, on ground truth made from the model's own top
+    detections moved by a pixel (so that AP is well above 0 and below 1): every number equals
+    pycocotools run directly on the same detections."""
     model = small_model(name)
-    loader = synthetic_loader(synthetic_root, range(3))
+    if name.startswith("mask"):  # untrained mask logits sit near 0: lift them over the threshold
+        nn.init.constant_(model.roi_heads.mask_predictor.mask_fcn_logits.bias, 2.0)
+    images = [image for batch, _ in synthetic_loader(synthetic_root, range(3)) for image in batch]
+    outputs = run_model(model, images)
+    samples = []
+    for k, (image, out) in enumerate(zip(images, outputs)):
+        keep = out["scores"] > 0
+        if "masks" in out:  # a mask that thresholds to nothing could not be matched
+            keep &= (out["masks"][:, 0] > 0.5).flatten(1).any(1)
+        top = keep.nonzero().flatten()[:3]
+        assert len(top), "the untrained model still detects something at score > 0"
+        target = {
+            "boxes": out["boxes"][top] + torch.tensor([1.0, 0.0, 1.0, 0.0]),
+            "labels": out["labels"][top],
+            "image_id": k,
+        }
+        if "masks" in out:
+            target["masks"] = (out["masks"][top, 0] > 0.5).to(torch.uint8).roll(1, dims=-1)
+        samples.append((image, target))
+    loader = [
+        ([s[0] for s in samples[:2]], [s[1] for s in samples[:2]]),
+        ([samples[2][0]], [samples[2][1]]),
+    ]
     result = evaluate(model, loader, torch.device("cpu"))  # the references' call
     assert set(result.stats) == set(result.coco_eval) == iou_types
     assert result.num_images == 3 and result.seconds > 0
+    assert not model.training
+    # no class names given: per-class APs are named by category id
+    reference = pycocotools_scores(outputs, samples, sorted(iou_types), ["__background__", "1"])
     for iou_type in iou_types:
         stats = result.coco_eval[iou_type].stats
-        assert len(stats) == 12 and all(-1.0 <= s <= 1.0 for s in stats)
         assert list(result.stats[iou_type]) == list(STAT_NAMES)
-        assert result.stats[iou_type]["AP"] == stats[0]
-        assert 0.0 <= result.stats[iou_type]["AP"] <= 1.0  # objects exist: defined
-    assert not model.training
+        assert list(stats) == [result.stats[iou_type][n] for n in STAT_NAMES]
+        assert 0.2 < result.stats[iou_type]["AP"] < 1.0
+        per_class = {f"AP/{c}": ap for c, ap in result.per_class[iou_type].items()}
+        assert_scores_equal({**result.stats[iou_type], **per_class}, reference[iou_type])
 
 
 # ---------------------------------------------------------------- fit
@@ -374,8 +409,11 @@ def test_fit_writes_a_complete_run_folder(full_run):
         assert set(STAT_COLUMNS) <= set(row) and set(STAT_COLUMNS) <= set(json_row)
         for column in STAT_COLUMNS + ["train_loss", "train_lr"]:
             assert float(row[column]) == json_row[column], column
-        assert all(-1.0 <= json_row[c] <= 1.0 for c in STAT_COLUMNS)
         assert math.isfinite(json_row["train_loss"]) and json_row["train_loss"] > 0
+    # the last epoch's numbers are pycocotools' on the detections of the weights saved
+    reference = reference_scores(run_dir / "last.pt")
+    for iou_type in ("bbox", "segm"):
+        assert_scores_equal(row_scores(history[-1], iou_type), reference[iou_type])
 
     last = load_checkpoint(run_dir / "last.pt")
     assert load_checkpoint(run_dir)["epoch"] == last["epoch"] == 2

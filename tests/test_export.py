@@ -13,7 +13,7 @@ import torch
 from conftest import SMALL, TINY, run_main
 from detfit.checkpoint import load_checkpoint
 from detfit.export import export_model
-from detfit.export.parity import ImageParity, compare
+from detfit.export.parity import compare
 from detfit.predict import Predictor
 from exportkit import CATEGORY_IDS, CLASSES, tiny_checkpoint, write_images
 
@@ -177,8 +177,10 @@ def test_parity_matches_detections_not_indices():
     assert result.tied == 2 and result.ok
     # a different label is never matched
     relabelled = {**eager, "labels": torch.tensor([2, 2, 1])}
-    assert not compare("x", (50, 50), eager, relabelled).ok
-    assert isinstance(result, ImageParity)
+    mismatch = compare("x", (50, 50), eager, relabelled)
+    assert not mismatch.ok
+    assert (mismatch.eager, mismatch.exported, mismatch.matched, mismatch.tied) == (3, 3, 2, 0)
+    assert mismatch.box_px == 0.0 and mismatch.score == 0.0  # the two that match are exact
 
 
 def test_an_export_removes_what_a_killed_export_of_its_file_left(tmp_path, monkeypatch, capsys):

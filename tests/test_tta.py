@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cocokit import assert_scores_equal, pseudo_ground_truth, reference_scores
 from conftest import run_config, run_main
 from detfit import Predictor
 from detfit.checkpoint import load_checkpoint, rebuild_model
@@ -107,7 +108,12 @@ def test_one_view_is_plain_inference_and_the_flip_gives_valid_outputs(trained_ru
 
 
 def test_eval_and_predict_take_tta(trained_run, tmp_path, monkeypatch, capsys):
-    common = ["eval", trained_run, "--device", "cpu", "--no-plots", "--json"]
+    files = sorted(Path(load_checkpoint(trained_run)["config"]["data_root"]).rglob("PNGImages/*"))
+    # scored against the model's own detections moved by a pixel: AP well above 0, so the
+    # numbers compared below move with anything that changes what is scored
+    gt = pseudo_ground_truth(trained_run, files[:4], tmp_path / "gt.json")
+    data = f"coco:{gt},val={gt}"
+    common = ["eval", trained_run, "--device", "cpu", "--no-plots", "--data", data, "--json"]
     code, _, err = run_main(monkeypatch, capsys, *common, tmp_path / "plain.json")
     assert code == 0, err
     import detfit.eval.loop as eval_loop
@@ -121,12 +127,17 @@ def test_eval_and_predict_take_tta(trained_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(eval_loop, "tta_predict", spy)
     code, _, err = run_main(monkeypatch, capsys, *common, tmp_path / "tta.json", "--tta")
     assert code == 0, err
-    assert len(calls) == 3 and calls[0] == TTA(flip=True)  # the 3 held-out images, mirrored too
+    assert len(calls) == 4 and calls[0] == TTA(flip=True)  # the 4 images, mirrored too
     stats = json.loads((tmp_path / "tta.json").read_text())
     plain = json.loads((tmp_path / "plain.json").read_text())
     assert set(stats) == set(plain) == {"bbox", "segm"}
-    assert all(0 <= stats[t]["AP"] <= 1 and len(stats[t]) == len(plain[t]) for t in stats)
-    files = sorted(Path(load_checkpoint(trained_run)["config"]["data_root"]).rglob("PNGImages/*"))
+    assert all(plain[t]["AP"] > 0.3 for t in plain)
+    # each equals pycocotools on the saved model's own detections, one view or two
+    for report, views in ((plain, None), (stats, TTA(flip=True))):
+        reference = reference_scores(trained_run, data=data, tta=views)
+        for iou_type in ("bbox", "segm"):
+            assert_scores_equal(report[iou_type], reference[iou_type])
+    assert stats["bbox"]["AP"] != plain["bbox"]["AP"]  # the mirrored view changed the boxes
     code, out, err = run_main(monkeypatch, capsys, "predict", trained_run, files[0], "--out",
                               tmp_path / "pred", "--tta", "--device", "cpu", "--quiet",
                               "--score-threshold", "0")  # fmt: skip
