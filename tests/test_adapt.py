@@ -55,6 +55,10 @@ def test_choices_are_logged_and_recorded_in_config_yaml(tmp_path):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["model_options"]
     assert saved["min_size"] == [704, 768, 832, 896, 832] and saved["max_size"] == 1408
     assert saved["fpn_channels"] == CPU["fpn_channels"]  # the rest as the recipe has it
+    # adapt_to_data: false keeps the recipe's numbers, without a line
+    cfg, logs = recipe_config("cpu", adapt_to_data=False), []
+    adapt_to_data(cfg, data, logs.append)
+    assert logs == [] and cfg.model_options == recipe_config("cpu").model_options
 
 
 def test_data_check_prints_what_each_recipe_would_choose(synthetic_root, monkeypatch, capsys):
@@ -113,6 +117,14 @@ def test_a_run_on_small_objects_records_its_adapted_anchors(tmp_path):
     model = load_model(run).model
     assert anchor_generator_of(model).sizes == ((8, 16), (16, 32), (32, 64), (64, 128))
     assert isinstance(model(torch.rand(1, 3, 200, 300))[0]["boxes"], torch.Tensor)
+    # the same run with adapt_to_data: false keeps the model's own anchors
+    settings.update(adapt_to_data=False, out=str(tmp_path / "fixed"))
+    logs.clear()
+    run = Trainer(TrainConfig.from_dict(settings), progress=False, log=logs.append).fit()
+    assert not [s for s in logs if "adapted to the data" in s]
+    assert "anchor_sizes" not in yaml.safe_load((run / "config.yaml").read_text())["model_options"]
+    model = load_model(run).model
+    assert anchor_generator_of(model).sizes == ((32, 64), (64, 128), (128, 256), (256, 512))
 
 
 def test_data_check_names_the_anchors_it_would_choose(tmp_path, monkeypatch, capsys):

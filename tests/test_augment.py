@@ -17,7 +17,7 @@ from torchvision import tv_tensors
 
 from conftest import make_pennfudan, run_main
 from detfit.checkpoint import load_checkpoint
-from detfit.config import TrainConfig
+from detfit.config import RECIPES, TrainConfig, recipe_config
 from detfit.data import PennFudanDataset, collate_fn, train_transforms
 from detfit.data.copy_paste import CopyPaste, paste_objects
 from detfit.data.loaders import build_datasets
@@ -154,6 +154,14 @@ def test_copy_paste_on_a_box_only_dataset_says_it_needs_masks(tmp_path, monkeypa
     )  # fmt: skip
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("detfit: error: copy_paste=0.5: yolo:") and "needs masks" in err
+    # a recipe's own copy_paste is turned off on box-only data, with one line, not refused
+    monkeypatch.setitem(RECIPES["cpu"], "copy_paste", 0.5)
+    cfg, logs = recipe_config("cpu", dataset=f"yolo:{yolo}", model="fasterrcnn_resnet50_fpn"), []
+    data = build_datasets(cfg, log=logs.append)
+    assert cfg.copy_paste == 0.5 and not isinstance(data.train, CopyPaste)
+    assert (
+        f"yolo:{yolo} has boxes only: the cpu recipe's copy_paste is off (it needs masks)" in logs
+    )
 
 
 def test_data_show_augment_draws_the_training_samples(

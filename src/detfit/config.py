@@ -290,6 +290,11 @@ class TrainConfig(BaseModel):
     tta: bool = Field(
         False, description="evaluate with test-time augmentation (the image and its mirror)"
     )
+    adapt_to_data: bool = Field(
+        True,
+        description="let the training set's image and object sizes choose the resize, anchors, "
+        "proposal counts and detection cap the recipe left to it (false: the recipe's numbers)",
+    )
     time_budget: str | None = Field(
         None,
         description="wall-clock budget for training and its evaluations, e.g. 30m, 1.5h, 900s: "

@@ -108,7 +108,7 @@ def build_datasets(
             cfg.split_seed,
         )
     return Datasets(
-        with_copy_paste(cfg, train, train_set.has_masks, spec.text),
+        with_copy_paste(cfg, train, train_set.has_masks, spec.text, log),
         test,
         train_set.classes,
         train_set.category_ids,
@@ -137,10 +137,23 @@ def training_transforms(cfg: TrainConfig, keypoint_names: list[str] | None = Non
 
 
 def with_copy_paste(
-    cfg: TrainConfig, train: Dataset, has_masks: bool, source: str = "pennfudan"
+    cfg: TrainConfig,
+    train: Dataset,
+    has_masks: bool,
+    source: str = "pennfudan",
+    log: Callable[[str], None] = print,
 ) -> Dataset:
-    """The training split, pasting objects between its images when ``copy_paste`` is on."""
+    """The training split, pasting objects between its images when ``copy_paste`` is on. On a
+    box-only dataset a recipe's copy-paste is turned off with one line (the recipe stays usable
+    with a box model); the user's own is an error."""
+    from detfit.config import RECIPES
+
     if not cfg.copy_paste:
+        return train
+    if not has_masks and RECIPES.get(cfg.recipe, {}).get("copy_paste") == cfg.copy_paste:
+        log(
+            f"{source} has boxes only: the {cfg.recipe} recipe's copy_paste is off (it needs masks)"
+        )
         return train
     if not has_masks:
         raise DetfitError(

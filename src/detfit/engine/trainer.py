@@ -102,7 +102,7 @@ def best_metric_key(cfg: TrainConfig) -> str:
 def adapt_to_data(cfg: TrainConfig, data: Datasets, log: Callable[[str], None] = print) -> None:
     """Model options chosen from the training set's sizes (:mod:`detfit.data.adapt`), one line
     each, written into ``cfg`` so that config.yaml records them; the user's own values stay."""
-    if data.sizes is None:
+    if data.sizes is None or not cfg.adapt_to_data:
         return
     recipe = RECIPES.get(cfg.recipe, {}).get("model_options", {})
     choices = adapt_options(
@@ -126,6 +126,8 @@ def adapt_anchors_to_data(
     left alone: its anchors mark each level's size range, not boxes the RPN regresses from."""
     generator = anchor_generator_of(model)
     if generator is None or data.sizes is None or cfg.model.startswith("fcos"):
+        return
+    if not cfg.adapt_to_data:
         return
     choice = adapt_anchors(generator.sizes, options, data.sizes, not cfg.model.startswith("ssd"))
     if choice is None:

@@ -46,7 +46,8 @@ def options_for_data(
     cap_key = next(
         (k for k in ("box_detections_per_img", "detections_per_img") if k in options), None
     )
-    if cap_key and recipe.get(cap_key) == options[cap_key] and data.max_objects:
+    adaptable = cap_key and recipe.get(cap_key) == options[cap_key] and cfg.adapt_to_data
+    if adaptable and data.max_objects:
         needed = min(2 * data.max_objects, COCO_MAX_DETECTIONS)
         if options[cap_key] < needed:
             log(
