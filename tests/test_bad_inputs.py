@@ -165,7 +165,7 @@ SETTINGS_CASES = {
     "negative lr": (["--set", "lr=-0.01"], ["lr=-0.01", "greater than 0"]),
     "batch size 0": (["--set", "batch_size=0"], ["batch_size=0", "greater than or equal to 1"]),
     "negative workers": (["--workers", "-1"], ["workers=-1"]),
-    "key inside a number": (["--set", "epochs.x=1"], ["epochs.x=1", "epochs=11", "single value"]),
+    "key inside a number": (["--set", "epochs.x=1"], ["epochs.x=1", "epochs=22", "single value"]),
     "option not a number": (["--set", "model_options.min_size=abc"], ["model_options.min_size"]),
     "zero epochs": (["--epochs", "0"], ["epochs=0"]),
     "zero num_test": (["--set", "num_test=0"], ["num_test=0"]),

@@ -218,6 +218,10 @@ def test_a_recipes_epochs_do_not_cap_a_budget_but_the_users_do():
     assert recipe_config("tutorial").epochs == 10  # no budget: the recipe's epochs
     assert recipe_config("tutorial", time_budget="2h").epochs == BUDGET_EPOCHS
     assert recipe_config("cpu", time_budget="2h", epochs=3).epochs == 3  # the user's cap holds
+    # the CPU recipe's own 30 minutes plan its epochs; without them, its epochs are back
+    assert recipe_config("cpu").time_budget == "30m"
+    assert recipe_config("cpu").epochs == BUDGET_EPOCHS
+    assert recipe_config("cpu", uncap=False).epochs == 22  # what --set time_budget=null runs
 
 
 def test_train_time_flag_is_not_capped_by_the_recipes_epochs(root, tmp_path, monkeypatch, capsys):
@@ -243,3 +247,15 @@ def test_train_time_flag_is_not_capped_by_the_recipes_epochs(root, tmp_path, mon
     )
     assert code == 0, err
     assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["epochs"] == 2
+    # --set time_budget=null: the recipe's own epochs again (here 1), not the budget's cap
+    from detfit.config import RECIPES
+
+    monkeypatch.setitem(RECIPES["cpu"], "epochs", 1)
+    no_budget = list(common)
+    no_budget[no_budget.index("--time") : no_budget.index("--time") + 2] = []
+    code, out, err = run_main(
+        monkeypatch, capsys, *no_budget, "--set", "time_budget=null", "--out", tmp_path / "c"
+    )
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["time_budget"] is None

@@ -8,6 +8,7 @@ import yaml
 
 from conftest import run_main
 from detfit.config import (
+    BUDGET_EPOCHS,
     RECIPES,
     SettingsError,
     TrainConfig,
@@ -35,7 +36,8 @@ CPU_RECIPE = {
         "rpn_post_nms_top_n_test": 150,
         "box_detections_per_img": 30,
     },
-    "epochs": 11,
+    "time_budget": "30m",
+    "epochs": 22,
     "optimizer": "adamw",
     "lr": 0.0004,
     "weight_decay": 0.0001,
@@ -50,8 +52,9 @@ CPU_RECIPE = {
 
 
 def test_cpu_recipe_values_are_unchanged():
-    cfg = recipe_config("cpu").to_dict()
+    cfg = recipe_config("cpu", uncap=False).to_dict()
     assert {k: cfg[k] for k in CPU_RECIPE} == CPU_RECIPE
+    assert recipe_config("cpu").epochs == BUDGET_EPOCHS  # the 30 minutes plan the epochs
     assert list(cfg["model_options"]) == list(CPU_RECIPE["model_options"])  # order kept too
     assert cfg["recipe"] == "cpu" and RECIPES["tutorial"] == {}
 
@@ -111,7 +114,8 @@ def test_merge_settings_is_the_one_merge():
     assert merged["model_options"]["fpn_channels"] == 128  # merged, not replaced
     assert merged["loss_weights"] == {"loss_mask": 2.0, "loss_box_reg": 0.5}
     assert merged["lr"] == 0.001
-    assert base["epochs"] == 11 and base["model_options"]["min_size"] != 64  # base untouched
+    # base untouched
+    assert base["epochs"] == BUDGET_EPOCHS and base["model_options"]["min_size"] != 64
     assert recipe_config("cpu", model_options={"min_size": 64}).model_options["max_size"] == 700
 
 
@@ -140,7 +144,8 @@ def test_settings_shows_the_recipe_train_would_use(monkeypatch, capsys):
     header = out.splitlines()[1]
     start, end = header.index(" cpu ") + 1, header.index("meaning")  # the value column
     values = {line.split()[0]: line[start:end].strip() for line in out.splitlines()[2:]}
-    assert values["epochs"] == str(RECIPES["cpu"]["epochs"]) == "11"
+    assert values["epochs"] == str(RECIPES["cpu"]["epochs"]) == "22"
+    assert values["time_budget"] == "30m"
     assert values["optimizer"] == "adamw"
     assert values["model_options.max_size"] == "700"
     assert values["model_options.size"] == "-"  # not set by the recipe

@@ -200,7 +200,7 @@ def train(
                 "backbone, tuned for 2 cores; see BENCHMARKS.md). --recipe tutorial runs the "
                 "tutorial's ResNet-50 recipe instead."
             )
-    base = load_settings(config) if config else recipe_config(recipe).to_dict()
+    base = load_settings(config) if config else recipe_config(recipe, uncap=False).to_dict()
     base.pop("out", None)  # a run's own config.yaml names its folder: start a new one
     base.pop("run_id", None)  # and its id: the new run gets its own
     settings = merge_settings(base, given, set_)

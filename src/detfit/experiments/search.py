@@ -272,7 +272,7 @@ def base_settings(data: dict[str, Any], path: Path) -> dict[str, Any]:
             recipe = "tutorial" if torch.cuda.is_available() else "cpu"
         if recipe not in RECIPES:
             raise SearchError(f"{path}: recipe {recipe!r}: {one_of(str(recipe), list(RECIPES))}")
-        base = recipe_config(recipe).to_dict()
+        base = recipe_config(recipe, uncap=False).to_dict()
     fixed = data.get("settings") or {}
     if not isinstance(fixed, dict):
         raise SearchError(f"{path}: settings: must be a mapping of settings to values")
