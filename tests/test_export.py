@@ -32,8 +32,12 @@ FAMILIES = {
 REFUSED = {("ssdlite", "onnx")}
 # Random heads can place two boxes at IoU 0.5 to the 7th digit, where NMS keeps one or the other
 # depending on float rounding (eager and ONNX Runtime then differ by one detection): this seed's
-# Mask R-CNN has no such pair on these images (seed 0 has one on img2).
-SEEDS = {"maskrcnn": 1}
+# Mask R-CNN has no such pair on these images (seed 0 has one on img2). A random MobileNetV3
+# backbone gives near-constant features, so RPN objectness ties to the 7th digit across anchors;
+# with seed 0 the Faster R-CNN's 30-proposal cut-off on img1 falls inside such a tie (0.4978018
+# three times), ONNX Runtime keeps another proposal and one box moves 17 px. Seed 1 has no tie
+# at its cut-offs on these images.
+SEEDS = {"maskrcnn": 1, "fasterrcnn": 1}
 # Keypoint R-CNN (ResNet-50) through ONNX Runtime: boxes measured up to 1.5e-2 px from eager on
 # these images at 1.3-2x upscaling (random weights), above the export check's 1e-2.
 BOX_TOL = {("keypointrcnn", "onnx"): 0.05}
