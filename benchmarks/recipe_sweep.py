@@ -26,8 +26,17 @@ from detfit.fileio import atomic_write_text
 
 
 def variant_config(recipe: str, overrides: dict[str, Any], **extra: Any) -> TrainConfig:
-    """The recipe with a variant's overrides merged as the CLI merges them (merge_settings)."""
-    settings = merge_settings(recipe_config(recipe).to_dict(), {**overrides, **extra})
+    """The recipe with a variant's overrides merged as the CLI merges them (merge_settings).
+
+    A variant's ``null`` means null here (``weights_backbone: null`` trains from scratch), not
+    "not given" as for the CLI's options. A screen compares AP per epoch, which does not depend
+    on the hardware, so the recipe's time budget is off unless a variant sets one: the CPU
+    recipe's ``30m`` would otherwise plan a GPU's many epochs (or cut variants that share it)
+    instead of the recipe's own epochs."""
+    settings = merge_settings(recipe_config(recipe, uncap=False).to_dict(), {**overrides, **extra})
+    settings.update({key: None for key, value in overrides.items() if value is None})
+    if overrides.get("time_budget") is None:
+        settings["time_budget"] = None
     return TrainConfig.from_dict(settings, f"variant of {recipe}")
 
 

@@ -37,6 +37,17 @@ def test_variant_overrides_merge_model_options():
     assert cfg.recipe == "cpu"
 
 
+def test_variants_train_the_recipes_epochs_without_its_time_budget():
+    assert RECIPES["cpu"]["time_budget"] and RECIPES["cpu"]["epochs"] == 22
+    cfg = variant_config("cpu", {})
+    assert cfg.time_budget is None and cfg.epochs == 22
+    assert variant_config("cpu", {"epochs": 27}).epochs == 27
+    budgeted = variant_config("cpu", {"time_budget": "10m"})
+    assert budgeted.time_budget == "10m" and budgeted.epochs == 22
+    assert RECIPES["cpu"]["weights_backbone"] is not None
+    assert variant_config("cpu", {"weights_backbone": None}).weights_backbone is None
+
+
 def test_sweep_runs_variants_in_parallel_and_summarises(synthetic_root, tmp_path):
     tiny = {
         "weights_backbone": None,
