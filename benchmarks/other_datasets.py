@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from detfit.config import recipe_config
+from detfit.config import merge_settings, recipe_config
 from detfit.data.synthetic import write_all_formats, write_scattered_coco
 from detfit.engine import fit
 
@@ -44,9 +44,16 @@ def make_sets(root: Path) -> dict[str, tuple[str, int]]:
 
 
 def train(
-    spec: str, num_test: int, variant: str, seed: int, epochs: int, out: Path, threads: int | None
+    spec: str,
+    num_test: int,
+    variant: str,
+    seed: int,
+    epochs: int,
+    out: Path,
+    threads: int | None,
+    settings: list[str],
 ) -> dict:
-    overrides = dict(FIXED) if variant == "fixed" else {}
+    overrides = merge_settings(FIXED if variant == "fixed" else {}, sets=settings)
     cfg = recipe_config(
         "cpu",
         dataset=spec,
@@ -74,6 +81,9 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["multiclass", "small-objects"])
     parser.add_argument("--variants", nargs="+", default=["fixed", "recipe"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], help="KEY=VALUE for every variant"
+    )
     args = parser.parse_args()
     sets = {k: v for k, v in make_sets(args.out / "data").items() if k in args.sets}
     results: dict[tuple[str, str], list[dict]] = {}
@@ -83,7 +93,9 @@ def main() -> None:
                 print(f"{name} | {variant} | seed {seed}")
                 out = args.out / name / f"{variant}_s{seed}"
                 results.setdefault((name, variant), []).append(
-                    train(spec, num_test, variant, seed, args.epochs, out, args.threads)
+                    train(
+                        spec, num_test, variant, seed, args.epochs, out, args.threads, args.settings
+                    )
                 )
     print(f"\nfinal AP after {args.epochs} epochs, per seed {args.seeds}; minutes: whole fit")
     print("dataset        variant  bbox AP per seed     segm AP per seed     minutes")
