@@ -12,7 +12,8 @@ epochs, same seeds, on two generated sets:
 Both variants train the same number of epochs, so that their AP does not depend on what else
 shares the cores; the minutes each took are printed beside it (the adapted resize costs time).
 To compare at equal minutes instead, give the cheaper variant more epochs on its own
-(``--variants fixed --epochs 16``).
+(``--variants fixed --epochs 16``); ``--set KEY=VALUE`` changes a setting for every variant
+(``--set augment=ssj``).
 
     python benchmarks/other_datasets.py --out runs/other-datasets --epochs 8 --seeds 0 1
 """
