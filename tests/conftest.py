@@ -64,7 +64,7 @@ def run_config(synthetic_root: Path, out: Path) -> TrainConfig:
     )
 
 
-def fit_until_second_evaluation(monkeypatch, cfg) -> None:
+def fit_until_second_evaluation(cfg) -> None:
     """``fit(cfg)`` "crashing" in epoch 2's evaluation (a callback raising in on_evaluation, before
     the epoch's checkpoint): leaves a run folder whose last.pt ends epoch 1."""
     from detfit.engine import Callback, fit

@@ -51,10 +51,10 @@ def test_fit_on_cuda_and_use_the_checkpoint_on_the_cpu(synthetic_root, tmp_path,
     assert cpu_out["masks"].shape[1:] == (1, 80, 64)
 
 
-def test_resume_on_cuda_restores_scaler_and_ema(synthetic_root, tmp_path, monkeypatch):
+def test_resume_on_cuda_restores_scaler_and_ema(synthetic_root, tmp_path):
     cfg = cuda_config(synthetic_root, tmp_path / "run", amp=True, max_iters_per_epoch=2)
 
-    fit_until_second_evaluation(monkeypatch, cfg)
+    fit_until_second_evaluation(cfg)
     first = load_checkpoint(tmp_path / "run")
     assert first["epoch"] == 1 and first["callbacks"]["EMA"]["updates"] == 2
     logs: list[str] = []

@@ -449,11 +449,11 @@ def test_fit_writes_a_complete_run_folder(full_run):
     ]
 
 
-def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, monkeypatch):
+def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path):
     cfg_a, run_a, _ = full_run
     cfg = run_config(Path(cfg_a.data_root), tmp_path / "run_b")
 
-    fit_until_second_evaluation(monkeypatch, cfg)
+    fit_until_second_evaluation(cfg)
     run_b = Path(cfg.out)
     assert load_checkpoint(run_b)["epoch"] == 1
     assert len(json.loads((run_b / "metrics.json").read_text())) == 1
@@ -478,7 +478,7 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path, monkeypatch
     assert TrainConfig.load(run_b / "config.yaml") == cfg
 
 
-def test_ema_is_what_is_evaluated_saved_and_resumed(landscape_root, tmp_path, monkeypatch):
+def test_ema_is_what_is_evaluated_saved_and_resumed(landscape_root, tmp_path):
     """With ema_decay, the averaged weights are evaluated and saved as "model"; the raw ones
     travel as "train_model", and a resumed run ends with both equal to an uninterrupted run's."""
 
@@ -498,7 +498,7 @@ def test_ema_is_what_is_evaluated_saved_and_resumed(landscape_root, tmp_path, mo
     result = evaluate(model, test_loader, "cpu", progress=False, verbose=False)
     assert result.stats["segm"]["AP"] == a["history"][-1]["segm_AP"]
 
-    fit_until_second_evaluation(monkeypatch, ema_config(tmp_path / "b"))
+    fit_until_second_evaluation(ema_config(tmp_path / "b"))
     b = load_checkpoint(fit(resume=tmp_path / "b", progress=False, log=lambda s: None) / "last.pt")
     assert b["callbacks"]["EMA"]["updates"] == 4
     for key in ("model", "train_model"):

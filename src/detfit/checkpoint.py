@@ -30,8 +30,9 @@ RUN_FILES = ("config.yaml", "metrics.csv", "metrics.json", "last.pt", "best.pt")
 # model's description and the settings (``detfit export --strip`` keeps these alone).
 INFERENCE_KEYS = ("model", "model_info", "config", "history", "metric_key")
 # best.pt also keeps the raw training weights (beside EMA's) and where it was taken, but not the
-# optimizer, schedule, RNG or sampler state, which only last.pt needs to continue a run: about
-# a third of last.pt's size with AdamW, whose two moments per weight dominate it.
+# optimizer, schedule, RNG or sampler state, which only last.pt needs to continue a run: with
+# AdamW, whose two moments per weight dominate last.pt, about half its size when EMA is on (two
+# copies of the weights) and a third without.
 BEST_KEYS = (*INFERENCE_KEYS, "train_model", "epoch", "global_step")
 
 
@@ -154,6 +155,14 @@ def rebuild_model(
     if state_dict is not None:
         load_weights(model, state_dict, f"{source}: its weights do not fit {info['name']}")
     return model
+
+
+def weights_in(obj: Any) -> Any:
+    """The model's state dict when ``obj`` is a loaded checkpoint, else ``obj`` itself (a plain
+    state dict), so ``--weights`` and ``--weights-backbone`` take either kind of file."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"]
+    return obj
 
 
 def load_weights(model: nn.Module, state_dict: Any, what: str) -> None:

@@ -97,10 +97,18 @@ def train(
         str | None, typer.Option(help="Architecture; `detfit models` lists them.")
     ] = None,
     weights: Annotated[
-        str | None, typer.Option(help="DEFAULT, an enum name, a .pth file, or none.")
+        str | None,
+        typer.Option(
+            help="default (the registry's pick for this model), DEFAULT (torchvision's best), an "
+            "enum name, a .pth file, or none."
+        ),
     ] = None,
     weights_backbone: Annotated[
-        str | None, typer.Option(help="Backbone weights: enum name, file, or none.")
+        str | None,
+        typer.Option(
+            help="Backbone weights: default (the registry's pick), DEFAULT (torchvision's best), "
+            "an enum name, a .pth file, or none."
+        ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per training batch.")] = None,

@@ -449,8 +449,12 @@ class TrainConfig(BaseModel):
     @field_validator("recipe")
     @classmethod
     def _known_recipe(cls, name: str) -> str:
+        if name == "auto":
+            import torch
+
+            return "tutorial" if torch.cuda.is_available() else "cpu"
         if name not in RECIPES:
-            raise ValueError(one_of(name, list(RECIPES)))
+            raise ValueError(one_of(name, ["auto", *RECIPES]))
         return name
 
     @field_validator("time_budget")
@@ -753,14 +757,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 def resolve_recipe(name: str) -> str:
     """``auto`` as ``detfit train`` reads it (``tutorial`` when CUDA is present, else ``cpu``);
-    any other name checked against RECIPES. The one place a recipe name is validated."""
-    if name == "auto":
-        import torch
-
-        return "tutorial" if torch.cuda.is_available() else "cpu"
-    if name not in RECIPES:
-        raise SettingsError(f"recipe={name!r}: {one_of(name, ['auto', *RECIPES])}")
-    return name
+    any other name checked against RECIPES, by the ``recipe`` setting's own rule."""
+    return check_setting("recipe", name)
 
 
 # With a time budget the budget plans the epochs: a recipe's own epoch count is no limit then

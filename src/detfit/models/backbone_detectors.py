@@ -1,7 +1,7 @@
 """Situation B: a detector head (Faster/Mask R-CNN, RetinaNet, FCOS) on an ImageNet backbone.
 
 Anchors and RoI poolers are derived from the backbone's real strides and feature names:
-one feature map: the seed's sizes, 1x to 16x the stride (32-512 px at stride 32), ratios 0.5/1/2;
+one feature map: the tutorial's sizes, 1x to 16x the stride (32-512 px at stride 32), ratios 0.5/1/2;
 FPN: R-CNN 4x and 8x each level's stride, RetinaNet torchvision's three octave steps from 4x the
 stride, FCOS one anchor the size of the stride (as torchvision's FCOS).
 """

@@ -1,5 +1,5 @@
 """Situation B backbones: an ImageNet classifier's convolutional trunk, as one feature map (the
-seed's way) or with an FPN over its stage ends.
+tutorial's way) or with an FPN over its stage ends.
 
 Feature names, strides and channels come from a dummy forward through the trunk, never from
 hand-kept tables; trainable stages and FrozenBatchNorm follow torchvision's rules for pretrained
@@ -169,7 +169,7 @@ def build_backbone(
     num_levels: int = 3,
     fpn_channels: int = 256,
 ) -> Backbone:
-    """``name``'s trunk as one map (the seed's way: ordinary BatchNorm, every layer trained unless
+    """``name``'s trunk as one map (the tutorial's way: ordinary BatchNorm, every layer trained unless
     ``trainable_layers`` says otherwise) or with an FPN over the ends of its last ``num_levels``
     stages (pretrained: FrozenBatchNorm, 3 trainable stages by default).
 

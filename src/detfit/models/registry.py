@@ -1,7 +1,7 @@
 """The one registry of models: name -> builder, task, weights and the options it takes.
 
 Situation A: every detection builder in torchvision, built with its COCO weights and new class
-layers. Situation B: ``<head>_<backbone>`` (one feature map, the seed's way) and
+layers. Situation B: ``<head>_<backbone>`` (one feature map, the tutorial's way) and
 ``<head>_<backbone>_fpn`` for every head in :data:`HEADS` and backbone in :data:`BACKBONES`, except
 the names torchvision already builds (those are situation A models, which also take an
 ImageNet-only backbone with ``weights=None``). The CLI, the config, checkpoints and
@@ -150,7 +150,7 @@ for _name, (_family, _backbone, _description) in TORCHVISION.items():
 
 # Situation B models with a story of their own.
 _NOTES = {
-    "fasterrcnn_mobilenet_v2": "the seed's situation B: Faster R-CNN on MobileNetV2 features",
+    "fasterrcnn_mobilenet_v2": "the tutorial's situation B: Faster R-CNN on MobileNetV2 features",
     "maskrcnn_mobilenet_v2_fpn": "Mask R-CNN on an ImageNet MobileNetV2-FPN (the CPU recipe's)",
 }
 _HEAD_NAMES = {

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 import torch
 from torchvision.models import WeightsEnum
 
+from detfit.checkpoint import weights_in
 from detfit.errors import DetfitError
 from detfit.paths import torch_checkpoint_dir
 
@@ -48,7 +49,10 @@ def resolve_weights(spec: Any, enum_cls: type[WeightsEnum] | None) -> WeightsEnu
         return enum_cls[name]
     except KeyError:
         choices = ", ".join(["DEFAULT", *enum_cls.__members__])
-        raise DetfitError(f"weights {spec!r}: not one of {enum_cls.__name__} ({choices})") from None
+        raise DetfitError(
+            f"weights {spec!r}: not one of {enum_cls.__name__} ({choices}), nor default "
+            "(lowercase: the registry's pick for this model)"
+        ) from None
 
 
 def weights_filename(weights: WeightsEnum) -> str:
@@ -99,8 +103,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DetfitError(f"{path}: cannot load weights ({first})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
+    obj = weights_in(obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DetfitError(f"{path}: not a state dict of tensors")
     return obj

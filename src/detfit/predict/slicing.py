@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from detfit.errors import DetfitError
-from detfit.predict.defaults import DEFAULT_OVERLAP
+from detfit.predict.defaults import DEFAULT_BATCH_SIZE, DEFAULT_OVERLAP
 
 Output = dict[str, torch.Tensor]
 Runner = Callable[[list[torch.Tensor]], list[Output]]
@@ -59,7 +59,7 @@ class Slicing:
     full: bool = True
     merge_threshold: float = MERGE_IOS
     max_detections: int = MAX_DETECTIONS
-    batch_size: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
 
     def __post_init__(self) -> None:
         if self.size < MIN_SLICE:

@@ -21,6 +21,7 @@ import numpy as np
 from torchvision.ops import nms
 
 from detfit.errors import DetfitError
+from detfit.predict.defaults import DEFAULT_SCORE_THRESHOLD
 from detfit.predict.predictor import Prediction
 
 INSTALL_HINT = "pip install 'detfit[track]'"
@@ -40,7 +41,9 @@ class VideoTracker:
     """One video's tracks: ``update`` gives a track id (or None) per detection of each frame, in
     the Prediction's order; ``counts`` the distinct tracks per class so far."""
 
-    def __init__(self, frame_rate: float | Fraction = 30.0, score_threshold: float = 0.5) -> None:
+    def __init__(
+        self, frame_rate: float | Fraction = 30.0, score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    ) -> None:
         tracker_class = bytetrack_class()  # first: it names the extra when trackers is missing
         import supervision as sv  # a dependency of trackers
 
