@@ -11,7 +11,9 @@ smoothed-value logging) and ``evaluate`` (COCO ground truth converted from the d
 ``loadRes`` + per-image ``evaluateImg`` with RLE-encoded masks, one intra-op thread as the
 references set it, then accumulate + summarize). Side "detfit" is ``detfit.Trainer`` on the same
 settings: the same model (built by the same builder with the same options), optimizer, batch size,
-loader processes, threads, images (detfit's seeded split for both), warm-up and seed; one epoch of
+loader processes, threads, images (detfit's seeded split for both), warm-up and seed, at the
+recipe's precision (the CPU recipe's bf16; the references' loop has no CPU autocast, so it runs
+fp32 there; ``--precision fp32`` compares the loops at equal arithmetic); one epoch of
 ``--iters`` iterations, then the evaluation of ``--eval-images`` test images. With ``--plain`` a
 third side, "plain", runs the Trainer with the speed-ups switched off
 (``detfit.config.SPEED_UPS_OFF``), so one run also shows what they bring.
@@ -79,6 +81,8 @@ def shared_config(args: argparse.Namespace, out: str | None = None):
         "checkpoint_every_iters": None,
         "out": out,
     }
+    if args.precision:
+        overrides["precision"] = args.precision
     if args.model:
         overrides["model"] = args.model
     if args.no_weights:
@@ -466,6 +470,12 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="detfit's precision (default: the recipe's, bf16 for cpu); the refs side runs fp32, "
+        "or CUDA autocast with --amp, as the references do",
+    )
     parser.add_argument("--lr", type=float, default=SGD["lr"], help="SGD learning rate")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
@@ -485,8 +495,13 @@ def main() -> None:
         return
 
     argv = [a for a in sys.argv[1:]]
+    from detfit.models.precision import chosen_precision
+
+    cfg = shared_config(args)
+    detfit_precision = chosen_precision(cfg.precision, cfg.amp, torch.device(args.device))
     print(
-        f"torch {torch.__version__}; device {args.device}{' +AMP' if args.amp else ''}; recipe "
+        f"torch {torch.__version__}; device {args.device}{' +AMP' if args.amp else ''}; detfit "
+        f"precision {detfit_precision} (refs: {'AMP' if args.amp else 'fp32'}); recipe "
         f"{args.recipe}{' model ' + args.model if args.model else ''}; batch {args.batch_size}; "
         f"{args.workers} loader process(es); {args.threads} threads; {args.iters} iterations "
         f"({args.skip} untimed) and {args.eval_images} eval images per run; {args.rounds} rounds"
