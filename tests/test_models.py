@@ -1,5 +1,5 @@
 """The model registry: situation A (COCO detectors with new class layers) from a local file and
-from torchvision's cache, offline errors, situation B (the seed's MobileNetV2 code and the FPN
+from torchvision's cache, offline errors, situation B (the tutorial's MobileNetV2 code and the FPN
 variant), training/prediction of every registered model, and rebuilding from a checkpoint."""
 
 from __future__ import annotations
@@ -520,3 +520,20 @@ def test_each_spec_states_the_options_it_takes():
     ]  # fmt: skip
     # the names the settings accept are exactly those some model takes
     assert known_model_options() == frozenset().union(*(s.options for s in MODELS.values()))
+
+
+def test_an_unknown_weights_name_lists_the_enum_and_says_what_default_means():
+    from torchvision.models import MobileNet_V2_Weights
+
+    from detfit.errors import DetfitError
+    from detfit.models.weights import resolve_weights
+
+    assert (
+        resolve_weights("IMAGENET1K_V1", MobileNet_V2_Weights) is MobileNet_V2_Weights.IMAGENET1K_V1
+    )
+    with pytest.raises(DetfitError) as info:
+        resolve_weights("IMAGENET9", MobileNet_V2_Weights)
+    assert str(info.value) == (
+        "weights 'IMAGENET9': not one of MobileNet_V2_Weights (DEFAULT, IMAGENET1K_V1, "
+        "IMAGENET1K_V2), nor default (lowercase: the registry's pick for this model)"
+    )

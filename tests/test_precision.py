@@ -56,6 +56,21 @@ def test_a_cpu_without_bf16_says_so_in_one_line_and_runs_fp32(monkeypatch):
     assert lines == ["precision bf16: cpu has no native bfloat16 arithmetic here; running fp32"]
 
 
+def test_the_cpu_recipe_runs_bf16_and_falls_back_to_fp32_in_one_line(monkeypatch):
+    from detfit.config import recipe_config
+
+    cfg = recipe_config("cpu")
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert autocast_dtype(cfg.precision, CPU, amp=cfg.amp) is torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    lines: list[str] = []
+    assert autocast_dtype(cfg.precision, CPU, amp=cfg.amp, log=lines.append) is None
+    assert lines == ["precision bf16: cpu has no native bfloat16 arithmetic here; running fp32"]
+    # the user's setting wins over the recipe's
+    assert recipe_config("cpu", precision="fp32").precision == "fp32"
+    assert recipe_config("tutorial").precision is None
+
+
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(

@@ -150,3 +150,15 @@ def test_settings_shows_the_recipe_train_would_use(monkeypatch, capsys):
     assert values["model_options.max_size"] == "700"
     assert values["model_options.size"] == "-"  # not set by the recipe
     assert values["hflip_prob"] == "0.5"  # not set by the recipe: TrainConfig's default
+
+
+def test_recipe_auto_resolves_and_an_unknown_recipe_names_every_choice():
+    import torch
+
+    from detfit.config import SettingsError, TrainConfig, resolve_recipe
+
+    expected = "tutorial" if torch.cuda.is_available() else "cpu"
+    assert resolve_recipe("auto") == expected
+    assert TrainConfig.from_dict({"recipe": "auto"}, "f.yaml").recipe == expected
+    with pytest.raises(SettingsError, match=r"^recipe='cpx': must be one of auto, tutorial, cpu"):
+        resolve_recipe("cpx")

@@ -48,7 +48,7 @@ def resolve_weights(spec: Any, enum_cls: type[WeightsEnum] | None) -> WeightsEnu
     try:
         return enum_cls[name]
     except KeyError:
-        choices = ", ".join(["DEFAULT", *enum_cls.__members__])
+        choices = ", ".join(["DEFAULT", *(m for m in enum_cls.__members__ if m != "DEFAULT")])
         raise DetfitError(
             f"weights {spec!r}: not one of {enum_cls.__name__} ({choices}), nor default "
             "(lowercase: the registry's pick for this model)"
