@@ -12,7 +12,7 @@ from conftest import run_main
 from detfit.config import RECIPES, recipe_config
 from detfit.data.adapt import DataSizes, adapt_options
 from detfit.data.loaders import Datasets
-from detfit.engine.trainer import adapt_to_data
+from detfit.models.policy import adapt_to_data
 
 CPU = RECIPES["cpu"]["model_options"]
 PHOTOS = DataSizes(short_side=3000, long_side=4000, object_size=60, max_objects=4)

@@ -387,27 +387,32 @@ def test_interrupted_save_keeps_the_old_file_and_stale_temps_are_removed(tmp_pat
     assert fileio.remove_stale_temp_files(tmp_path / "absent") == []
 
 
-def test_image_changed_on_disk_during_training(ws, monkeypatch, capsys):
-    """The check passed, then a file broke: the DataLoader worker's error is one line naming it."""
-    import detfit.data.loaders as loaders
+def test_image_changed_on_disk_during_training(ws):
+    """The check passed, then every image broke (a callback truncates them as training starts):
+    the DataLoader worker's error is one line naming the file, a user error (exit code 2)."""
+    from conftest import run_config
+    from detfit.cli import user_message
+    from detfit.engine import Callback, Trainer
+    from detfit.errors import DetfitError
 
     data = ws / "changing"
     if data.exists():
         shutil.rmtree(data)
     shutil.copytree(ws / "pf", data)
-    real_validate = loaders.validate
 
-    def validate_then_break(*args, **kwargs):
-        real_validate(*args, **kwargs)
-        for image in data.rglob("PNGImages/*.png"):
-            truncate(image)
+    class BreakTheImages(Callback):
+        def on_train_start(self, trainer) -> None:
+            for image in data.rglob("PNGImages/*.png"):
+                truncate(image)
 
-    monkeypatch.setattr(loaders, "validate", validate_then_break)
-    monkeypatch.chdir(ws)
-    args = [*TRAIN, "--data-root", "changing", "--workers", "1", "--out", "runs/changing"]
-    code, _, err = run_main(monkeypatch, capsys, *args)
-    assert code == 2
-    expect_one_line(err, "changing/PennFudanPed/PNGImages/", "cannot decode image")
+    cfg = run_config(data, ws / "runs" / "changing").replace(
+        workers=1, num_test=2, max_iters_per_epoch=1
+    )
+    with pytest.raises(DetfitError) as info:
+        Trainer(cfg, callbacks=[BreakTheImages()], progress=False, log=lambda line: None).fit()
+    line = user_message(info.value)
+    assert "\n" not in line and info.value.exit_code == 2, line
+    assert "changing/PennFudanPed/PNGImages/" in line and "cannot decode image" in line, line
     assert (ws / "runs" / "old" / "last.pt").read_bytes() == (ws / "ckpts" / "good.pt").read_bytes()
     shutil.rmtree(data)
     shutil.rmtree(ws / "runs" / "changing", ignore_errors=True)

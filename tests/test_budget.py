@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import detfit.engine.budget as budget_module
-import detfit.eval.assembly as assembly
 from conftest import make_pennfudan, run_main
 from detfit.checkpoint import load_checkpoint
 from detfit.config import SettingsError, TrainConfig, parse_duration
@@ -34,13 +32,32 @@ class VirtualClock:
 
 
 class Steps(Callback):
-    """Each training step takes 1 s, those of epoch ``slow_epoch`` (0-based) ``slow`` s more."""
+    """Each training step takes 1 s, those of epoch ``slow_epoch`` (0-based) ``slow`` s more;
+    the budget's probe times 2 iterations (epochs here have 3)."""
 
     def __init__(self, clock: VirtualClock, slow_epoch: int = -1, slow: float = 0.0) -> None:
         self.clock, self.slow_epoch, self.slow = clock, slow_epoch, slow
 
+    def on_train_start(self, trainer):
+        if trainer.planner is not None:
+            trainer.planner.probe_iters = 2
+
     def on_step_end(self, trainer, result):
         self.clock.now += 1.0 + (self.slow if trainer.epoch == self.slow_epoch else 0.0)
+
+
+class VirtualTimeTrainer(Trainer):
+    """A Trainer on the virtual clock, whose evaluations (every epoch's and the budget's probe,
+    both through :meth:`Trainer.evaluate`) take 1 s per image they score."""
+
+    def __init__(self, clock: VirtualClock, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock = clock
+
+    def evaluate(self, loader):
+        batches = list(loader)
+        self.clock.now += sum(len(images) for images, _ in batches)
+        return super().evaluate(batches)
 
 
 @pytest.fixture(scope="module")
@@ -49,29 +66,18 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def clock(monkeypatch) -> VirtualClock:
-    """The virtual clock; every evaluation advances it 1 s per image it scores."""
-    clock = VirtualClock()
-    real = assembly.evaluate
-
-    def evaluate(model, loader, *args, **kwargs):
-        batches = list(loader)
-        clock.now += sum(len(images) for images, _ in batches)
-        return real(model, batches, *args, **kwargs)
-
-    monkeypatch.setattr(assembly, "evaluate", evaluate)
-    monkeypatch.setattr(budget_module, "PROBE_ITERS", 2)  # epochs here have 3 iterations
-    return clock
+def clock() -> VirtualClock:
+    return VirtualClock()
 
 
 def budget_fit(cfg, clock, steps=None, callbacks=(), resume=None) -> tuple[Path, list[str]]:
     logs: list[str] = []
     callbacks = [steps or Steps(clock), *callbacks]
+    common = {"progress": False, "log": logs.append, "callbacks": callbacks}
     if resume is not None:
-        trainer = Trainer(resume=resume, progress=False, log=logs.append, callbacks=callbacks)
+        trainer = VirtualTimeTrainer(clock, resume=resume, **common)
     else:
-        trainer = Trainer(cfg, progress=False, log=logs.append, callbacks=callbacks)
-    trainer.clock = clock
+        trainer = VirtualTimeTrainer(clock, cfg, **common)
     return trainer.fit(), logs
 
 
@@ -129,11 +135,10 @@ def test_a_budget_for_two_epochs_plans_two_and_ends_inside_it(root, tmp_path, cl
     # a larger budget on resume: 14 s spent, 26 s left, 6 s an epoch (x 1.1): 3 more
     clock.now = 0.0
     logs = []
-    trainer = Trainer(
-        resume=run, overrides={"time_budget": "40s"}, progress=False, log=logs.append,
+    trainer = VirtualTimeTrainer(
+        clock, resume=run, overrides={"time_budget": "40s"}, progress=False, log=logs.append,
         callbacks=[Steps(clock)],
     )  # fmt: skip
-    trainer.clock = clock
     trainer.fit()
     assert "time budget 40s: planned 5 epochs (26 s left, 6 s per epoch)" in logs
     history = json.loads((run / "metrics.json").read_text())

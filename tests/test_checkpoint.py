@@ -120,10 +120,10 @@ def test_every_command_reads_the_same_file_of_a_run_folder(run_folder, tmp_path)
     assert set(of_folder.stats) == {"bbox", "segm"} and of_folder.num_images == 3
 
 
-def test_resume_state_round_trips_and_reads_older_checkpoints(tmp_path):
+def test_resume_state_round_trips_and_refuses_other_formats(tmp_path):
     """What the trainer saves it reads back field for field (``epoch`` from 1 on disk, from 0 in
-    memory); a checkpoint from before mid-epoch saves (no ``iteration``, one RNG dict, ``best``
-    and ``ema_updates`` at the top) reads as the epoch end it was; best.pt keeps no optimizer."""
+    memory); a last.pt of another format (no ``iteration``, ``callbacks``, ``seconds``) is one
+    line naming what it lacks; best.pt keeps no optimizer."""
     weights = {"w": torch.arange(3.0)}
     state = ResumeState(
         model=weights, model_info={"name": MODEL}, config={"epochs": 4}, optimizer={"o": 1},
@@ -147,12 +147,14 @@ def test_resume_state_round_trips_and_reads_older_checkpoints(tmp_path):
     old = {
         k: v for k, v in state.payload().items() if k not in ("iteration", "callbacks", "seconds")
     }
-    old.update(epoch=2, rng={"seed": 7}, best=0.42, ema_updates=14, history=[{"minutes": 1.5}] * 2)
     save_checkpoint(tmp_path / "old.pt", old)
-    back = resume_state(tmp_path / "old.pt")
-    assert (back.epoch, back.iteration, back.evaluated) == (2, 0, False)  # "evaluated" was saved
-    assert back.rng == [{"seed": 7}] and back.seconds == 90.0
-    assert back.callbacks == {"EMA": {"updates": 14}, "Checkpointer": {"best": 0.42}}
+    with pytest.raises(DetfitError) as info:
+        resume_state(tmp_path / "old.pt")
+    assert str(info.value) == (
+        f"{tmp_path / 'old.pt'}: written by another version of detfit (no iteration, seconds, "
+        f"callbacks), so it cannot be resumed; start a new run from its weights with --weights "
+        f"{tmp_path / 'old.pt'}"
+    )
     save_checkpoint(tmp_path / "weights.pt", {"model": weights, "model_info": {"name": MODEL}})
     with pytest.raises(
         DetfitError, match="weights-only checkpoint .no optimizer, scheduler, history, epoch"

@@ -321,6 +321,36 @@ def test_version_and_short_help():
     assert "Usage: detfit data check" in invoke("data", "check", "-h")
 
 
+def test_placeholders_share_one_style_and_split_one_meaning():
+    """Every argument is named in capitals (``{CHECKPOINT}``), every option shows its type
+    (``<path>``), and ``--split`` takes the same three names wherever it appears."""
+    import typer
+
+    from detfit.cli import app
+
+    def commands(group, path: str):
+        for name, command in getattr(group, "commands", {}).items():
+            yield from commands(command, f"{path} {name}")
+        if not getattr(group, "commands", None):
+            yield path, group
+
+    found = list(commands(typer.main.get_command(app), "detfit"))
+    assert len(found) >= 14
+    splits = []
+    for path, command in found:
+        for param in command.params:
+            if param.param_type_name == "argument":
+                assert param.metavar and param.metavar.isupper(), (path, param.name)
+            elif param.metavar is not None:
+                raise AssertionError(f"{path} {param.opts}: metavar {param.metavar}")
+            if "--split" in getattr(param, "opts", []):
+                splits.append(path)
+                assert tuple(param.type_descriptor.choices) == ("train", "val", "test"), path
+    assert {"detfit eval", "detfit data check", "detfit data show", "detfit data convert"} <= set(
+        splits
+    )
+
+
 def test_help_keeps_brackets():
     """Help texts are plain: "detfit[tensorboard]" keeps its brackets."""
     assert "detfit[tensorboard]" in invoke("train", "--help").replace("\n", "")

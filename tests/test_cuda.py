@@ -16,6 +16,7 @@ from conftest import fit_until_second_evaluation, run_config, run_main
 from detfit.checkpoint import load_checkpoint, rebuild_model
 from detfit.config import TrainConfig
 from detfit.engine import fit
+from detfit.eval.saved import evaluate_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -34,7 +35,13 @@ def test_fit_on_cuda_and_use_the_checkpoint_on_the_cpu(synthetic_root, tmp_path,
     history = json.loads((run / "metrics.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2]
     assert all(math.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in history)
-    assert all(0.0 <= r["segm_AP"] <= 1.0 or r["segm_AP"] == -1.0 for r in history)
+    # the run's own evaluation on the GPU, scored again on the CPU from best.pt: the same AP
+    # (float rounding differs between the devices; a checkpoint that lost the GPU's weights,
+    # or an evaluation that scored something else, would not)
+    scored = evaluate_checkpoint(run, device="cpu", progress=False, verbose=False, log=print)
+    best = max(history, key=lambda r: r["segm_AP"])
+    assert scored.stats["segm"]["AP"] == pytest.approx(best["segm_AP"], abs=0.02)
+    assert scored.stats["bbox"]["AP"] == pytest.approx(best["bbox_AP"], abs=0.02)
 
     ckpt = load_checkpoint(run / "last.pt")  # mapped to the CPU
     assert (ckpt["scaler"] is not None) == amp
@@ -49,6 +56,10 @@ def test_fit_on_cuda_and_use_the_checkpoint_on_the_cpu(synthetic_root, tmp_path,
     assert set(cpu_out) == {"boxes", "labels", "scores", "masks"}
     assert gpu_out["boxes"].device.type == "cuda"
     assert cpu_out["masks"].shape[1:] == (1, 80, 64)
+    # the same weights give the same top detection on both devices
+    if len(cpu_out["scores"]) and len(gpu_out["scores"]):
+        assert float(gpu_out["scores"][0]) == pytest.approx(float(cpu_out["scores"][0]), abs=1e-3)
+        assert torch.allclose(gpu_out["boxes"][0].cpu(), cpu_out["boxes"][0], atol=0.5)
 
 
 def test_resume_on_cuda_restores_scaler_and_ema(synthetic_root, tmp_path):

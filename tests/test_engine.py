@@ -33,7 +33,7 @@ from detfit.data import PennFudanDataset, collate_fn, eval_transforms
 from detfit.data.synthetic import make_pennfudan
 from detfit.engine import evaluate, fit, train_one_epoch
 from detfit.engine.builders import build_scheduler
-from detfit.engine.loop import MAX_NONFINITE_STEPS
+from detfit.engine.step import MAX_NONFINITE_STEPS
 from detfit.errors import DetfitError
 from detfit.eval.coco import STAT_NAMES
 from detfit.models import build_model

@@ -17,14 +17,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
-from conftest import SMALL, run_main
-from detfit.checkpoint import model_info, save_checkpoint
+from conftest import SMALL
 from detfit.config import TrainConfig
 from detfit.data.images import load_rgb
 from detfit.data.loaders import build_datasets
 from detfit.data.synthetic import write_all_formats
 from detfit.eval.coco import STAT_NAMES
-from detfit.models import build_model
 
 MODEL = "maskrcnn_mobilenet_v2_fpn"
 FILE_AREAS = (500.0, 3000.0, 12000.0)  # small, medium, large whatever the mask's pixel count
@@ -137,9 +135,15 @@ def coco_split(tmp_path_factory) -> tuple[Path, Path]:
     return train, test
 
 
-def test_detfit_eval_equals_pycocotools_on_the_users_file(
-    coco_split, tmp_path, monkeypatch, capsys
-):
+def test_detfit_eval_equals_pycocotools_on_the_users_file(coco_split, tmp_path):
+    """The evaluation ``detfit eval`` assembles (the run's test split through
+    :func:`~detfit.data.loaders.build_datasets`, scored by
+    :func:`~detfit.eval.assembly.evaluate_run`), with an oracle model whose detections are
+    known, equals pycocotools run directly on the user's test file."""
+    from detfit.data.loaders import build_loaders
+    from detfit.eval.assembly import evaluate_run
+    from detfit.eval.saved import stats_report
+
     train, test = coco_split
     gt = COCO(str(test))
     detections = oracle_detections(gt)
@@ -148,24 +152,17 @@ def test_detfit_eval_equals_pycocotools_on_the_users_file(
         for i, d in detections.items()
     }
     label_of = {c: k + 1 for k, c in enumerate(sorted(gt.getCatIds()))}
-
     cfg = TrainConfig(
         model=MODEL, weights=None, weights_backbone=None, model_options=dict(SMALL),
         dataset=f"coco:{train},test={test}", workers=0,
     )  # fmt: skip
-    model = build_model(MODEL, 4, weights=None, weights_backbone=None, **SMALL)
-    classes = ["__background__", *(gt.cats[c]["name"] for c in sorted(gt.getCatIds()))]
-    info = model_info(MODEL, 4, classes, dict(SMALL), model)
-    save_checkpoint(tmp_path / "best.pt", {"model": model.state_dict(), "model_info": info,
-                                           "config": cfg.to_dict()})  # fmt: skip
-    monkeypatch.setattr("detfit.checkpoint.rebuild_model", lambda *a, **k: Oracle(by_key, label_of))
-
-    code, _, err = run_main(
-        monkeypatch, capsys, "eval", tmp_path / "best.pt", "--device", "cpu",
-        "--json", tmp_path / "stats.json",
+    data = build_datasets(cfg, log=lambda line: None, held_out="test")
+    assert data.held_out == "test"
+    result = evaluate_run(
+        Oracle(by_key, label_of), build_loaders(cfg, data).test, cfg, torch.device("cpu"),
+        classes=data.classes, progress=False,
     )  # fmt: skip
-    assert code == 0, err
-    ours = json.loads((tmp_path / "stats.json").read_text())
+    ours = stats_report(result)
     reference = pycocotools_stats(test, detections)
     for iou_type in ("bbox", "segm"):
         for name in STAT_NAMES:

@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import run_config, run_main
 from detfit.checkpoint import load_checkpoint
 from detfit.engine import fit
-from detfit.engine.loop import NOT_LOSSES, LossMeter
+from detfit.engine.step import NOT_LOSSES, LossMeter
 from detfit.eval.coco import STAT_NAMES, CocoEvaluator
 from detfit.eval.confusion import best_f1_threshold, confusion_matrix
 from detfit.plots import plot_confusion, plot_gallery, plot_pr, plot_results, plot_runs, pr_curves
@@ -108,7 +108,7 @@ def test_results_series_are_metrics_csv(plotted_run):
 
 
 def test_loss_columns_are_what_the_meter_reports():
-    from detfit.engine.loop import StepResult
+    from detfit.engine.step import StepResult
 
     meter = LossMeter()
     meter.add(StepResult({"loss_a": 1.0}, 1.0, skipped=False, stop=False))
@@ -311,3 +311,26 @@ def test_eval_pictures_json_and_quiet_output(plotted_run, synthetic_root, monkey
     )  # fmt: skip
     assert code in (None, 0), err
     assert f"scoring 8 images: every image of pennfudan:{synthetic_root}" in err
+    # --split train: the other part of the run's seeded split, the 5 images it trained on
+    train_report = plotted_run / "train-stats.json"
+    code, _, err = run_main(
+        monkeypatch, capsys, "eval", plotted_run / "best.pt", "--device", "cpu",
+        "--split", "train", "--no-plots", "--json", train_report,
+    )  # fmt: skip
+    assert code in (None, 0), err
+    assert "scoring 5 images: the run's training images (the seeded split's other part)" in err
+    assert json.loads(train_report.read_text())["bbox"]  # the report is written
+    from detfit.config import TrainConfig
+    from detfit.data.batching import split_indices
+    from detfit.eval.saved import evaluate_checkpoint
+
+    cfg = TrainConfig.load(plotted_run / "config.yaml")
+    trained_on, held_out = split_indices(8, cfg.num_test, cfg.split_seed)
+    quiet = {"device": "cpu", "progress": False, "verbose": False, "log": lambda line: None}
+    for split, indices in (("train", trained_on), ("test", held_out)):
+        result = evaluate_checkpoint(plotted_run / "best.pt", split=split, **quiet)
+        assert sorted(result.coco_eval["bbox"].params.imgIds) == sorted(indices), split
+    code, _, err = run_main(
+        monkeypatch, capsys, "eval", plotted_run / "best.pt", "--split", "val", "--no-plots"
+    )
+    assert code == 2 and "no val split (train and test are the seeded split" in err

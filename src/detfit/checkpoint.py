@@ -233,6 +233,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
 # What only a resumable checkpoint (last.pt) holds; without them it is weights-only.
 RESUME_KEYS = ("optimizer", "scheduler", "history", "epoch")
+# Fields last.pt holds only sometimes: the raw weights beside EMA's.
+OPTIONAL_RESUME_KEYS = ("train_model",)
 
 
 @dataclass
@@ -240,8 +242,7 @@ class ResumeState:
     """Everything last.pt holds to continue a run from the very step it was saved at.
 
     The trainer fills one to save (:meth:`payload`) and gets one back from :func:`resume_state`,
-    which also supplies what checkpoints written by earlier versions lack, so the key names and
-    their history live here alone. ``epoch`` is the index of the current epoch (from 0) and
+    so the key names live here alone. ``epoch`` is the index of the current epoch (from 0) and
     ``iteration`` the steps done in it; ``evaluated`` says the epoch ended with its evaluation.
     """
 
@@ -287,7 +288,9 @@ class ResumeState:
 
 
 def resume_state(path: str | Path) -> ResumeState:
-    """Read ``path`` (a last.pt) to continue its run; a weights-only file is one line."""
+    """Read ``path`` (a last.pt) to continue its run. A weights-only file, or a last.pt of a
+    format this version does not write (a field missing), is one line: its weights still start
+    a new run (``--weights``)."""
     path = Path(path)
     ckpt = load_checkpoint(path)
     missing = [k for k in RESUME_KEYS if k not in ckpt]
@@ -295,36 +298,16 @@ def resume_state(path: str | Path) -> ResumeState:
         raise DetfitError(
             f"{path}: a weights-only checkpoint (no {', '.join(missing)}) cannot be resumed"
         )
-    history = list(ckpt["history"])
-    rng = ckpt.get("rng")
-    return ResumeState(
-        model=ckpt["model"],
-        model_info=ckpt["model_info"],
-        config=ckpt["config"],
-        optimizer=ckpt["optimizer"],
-        scheduler=ckpt["scheduler"],
-        history=history,
-        # checkpoints from before mid-epoch saves (no "iteration") count "epoch" from 0
-        epoch=int(ckpt["epoch"]) - ("iteration" in ckpt),
-        iteration=int(ckpt.get("iteration", 0)),
-        evaluated=bool(ckpt.get("evaluated", True)),  # older checkpoints: epoch ends only
-        global_step=int(ckpt.get("global_step", 0)),
-        iters_per_epoch=int(ckpt.get("iters_per_epoch", 0)),
-        world_size=int(ckpt.get("world_size", 1)),
-        seconds=float(ckpt.get("seconds", 60 * (history or [{}])[-1].get("minutes", 0))),
-        metric_key=ckpt.get("metric_key"),
-        scaler=ckpt.get("scaler"),
-        rng=[rng] if isinstance(rng, dict) else rng,
-        meter=ckpt.get("meter"),
-        callbacks=ckpt.get("callbacks")
-        or {
-            "EMA": {"updates": ckpt.get("ema_updates", 0)},
-            "Checkpointer": {"best": ckpt.get("best", -1.0)},
-        },
-        budget=ckpt.get("budget"),
-        stopped=ckpt.get("stopped"),
-        train_model=ckpt.get("train_model"),
-    )
+    fields = {name: ckpt[name] for name in ResumeState.__dataclass_fields__ if name in ckpt}
+    absent = [name for name in ResumeState.__dataclass_fields__ if name not in fields]
+    absent = [name for name in absent if name not in OPTIONAL_RESUME_KEYS]
+    if absent:
+        raise DetfitError(
+            f"{path}: written by another version of detfit (no {', '.join(absent)}), so it "
+            f"cannot be resumed; start a new run from its weights with --weights {path}"
+        )
+    fields["epoch"] = int(fields["epoch"]) - 1  # from 1 on disk, as in the metrics
+    return ResumeState(**fields)
 
 
 def best_payload(state: ResumeState) -> dict[str, Any]:

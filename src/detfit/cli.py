@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -69,10 +69,8 @@ Dataset = Annotated[
 ]
 Device = Annotated[str, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")]
 Split = Annotated[
-    str | None,
-    typer.Option(
-        help="Which split of the dataset: train, val or test (default: see the command's help)."
-    ),
+    Literal["train", "val", "test"] | None,
+    typer.Option(help="Which split of the dataset (default: see the command's help)."),
 ]
 Recipe = Annotated[
     str, typer.Option(help="auto (cpu without a GPU, else tutorial), cpu, tutorial.")
@@ -223,9 +221,8 @@ SliceSize = Annotated[
     int | None,
     typer.Option(
         "--slice",
-        metavar="SIZE",
-        help="Predict on overlapping SIZE x SIZE tiles (plus the whole image), merged: small "
-        "objects in large images. See docs/predict.md.",
+        help="Predict on overlapping square tiles of this side in pixels (plus the whole "
+        "image), merged: small objects in large images. See docs/predict.md.",
     ),
 ]
 SliceOverlap = Annotated[float, typer.Option(help="With --slice: share of a tile overlapping.")]
@@ -257,6 +254,7 @@ def eval_(
             "split when it names one, else every image.",
         ),
     ] = None,
+    split: Split = None,
     device: Device = "auto",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the stats here.")
@@ -291,6 +289,10 @@ def eval_(
     """COCO evaluation of a checkpoint on its run's test split (all 12 numbers per IoU type, and
     AP per class), with PR curves, a confusion matrix and predictions beside ground truth.
 
+    --split scores another split of the run's (or --data's) dataset: train, val or test; on a
+    dataset that names no splits (Penn-Fudan), train and test are the two parts of the run's
+    seeded split, so --split train shows how far the model fits what it trained on.
+
     Under torchrun (torchrun --nproc_per_node N -m detfit eval ...) the images are shared out and
     the detections gathered: the same numbers, sooner."""
     from detfit import distributed
@@ -300,6 +302,7 @@ def eval_(
     result = evaluate_checkpoint(
         checkpoint,
         data=data,
+        split=split,
         data_root=data_root,
         device=device,
         backend=backend,
@@ -320,13 +323,12 @@ def eval_(
 @app.command()
 def plot(
     runs: Annotated[
-        list[Path], typer.Argument(metavar="RUN...", help="Run folders (or their metrics.csv).")
+        list[Path], typer.Argument(metavar="RUN", help="Run folders (or their metrics.csv).")
     ],
     file: Annotated[
         Path | None,
         typer.Option(
             "--file",
-            metavar="FILE",
             help="Image file to write (default: compare.png in the runs' folder).",
         ),
     ] = None,
@@ -339,7 +341,9 @@ def plot(
 
 @app.command()
 def tune(
-    search: Annotated[Path, typer.Argument(help="Search file: base, space, metric, pruner.")],
+    search: Annotated[
+        Path, typer.Argument(metavar="SEARCH", help="Search file: base, space, metric, pruner.")
+    ],
     out: Annotated[Path | None, typer.Option(help="Study folder (default studies/<name>).")] = None,
     trials: Annotated[
         int, typer.Option(min=1, help="Finished trials wanted in the study, in all.")
@@ -375,9 +379,9 @@ def tune(
 
 @app.command()
 def runs(
-    folder: Annotated[Path, typer.Argument(help="Folder of run folders (any depth).")] = Path(
-        "runs"
-    ),
+    folder: Annotated[
+        Path, typer.Argument(metavar="FOLDER", help="Folder of run folders (any depth).")
+    ] = Path("runs"),
     sort: Annotated[str, typer.Option(help="Column to sort by (best: highest first).")] = "best",
     csv: Annotated[bool, typer.Option("--csv", help="CSV instead of aligned columns.")] = False,
 ) -> None:
@@ -400,7 +404,7 @@ def predict(
     inputs: Annotated[
         list[str],
         typer.Argument(
-            metavar="INPUT...", help="Image files, folders (recursive), globs, video files."
+            metavar="INPUT", help="Image files, folders (recursive), globs, video files."
         ),
     ],
     out: Annotated[
@@ -497,7 +501,6 @@ def export(
         Path | None,
         typer.Option(
             "--file",
-            metavar="FILE",
             help="File to write (default beside the checkpoint: .onnx / .torchscript.pt; "
             "with --strip it is required).",
         ),
@@ -526,6 +529,13 @@ def export(
     max_ap_drop: Annotated[
         float, typer.Option(help="int8: refuse (exit 2) if AP drops by more than this.")
     ] = 0.01,
+    box_tolerance: Annotated[
+        float | None,
+        typer.Option(
+            help="Parity: the largest box difference from eager torch that passes, in pixels "
+            "(default: the check's own, docs/export.md)."
+        ),
+    ] = None,
 ) -> None:
     """Export to ONNX or TorchScript (dynamic height/width, classes inside) with a parity check."""
     from detfit.checkpoint import strip_checkpoint
@@ -549,6 +559,7 @@ def export(
             quantize=quantize,
             calibration_images=calibration_images,
             max_ap_drop=max_ap_drop,
+            box_tolerance=box_tolerance,
         )
     except ParityError as exc:
         typer.echo(f"detfit: parity check failed: {exc}", err=True)
@@ -580,7 +591,7 @@ def serve(
         str | None, typer.Option(envvar="DETFIT_API_KEY", help="Key asked of /v1 and /metrics.")
     ] = None,
     cors: Annotated[
-        list[str], typer.Option("--cors", metavar="ORIGIN", help="Allow this browser origin.")
+        list[str], typer.Option("--cors", help="Allow this browser origin (repeat for more).")
     ] = [],  # noqa: B006
     score_threshold: Annotated[
         float, typer.Option(help="Default of a request.")
@@ -621,7 +632,10 @@ def data_pennfudan(
 
 
 DatasetArg = Annotated[
-    str, typer.Argument(help="pennfudan, FORMAT:PATH (coco, voc, yolo, masks) or a .yaml file.")
+    str,
+    typer.Argument(
+        metavar="DATASET", help="pennfudan, FORMAT:PATH (coco, voc, yolo, masks) or a .yaml file."
+    ),
 ]
 
 
@@ -646,7 +660,7 @@ def data_check(
     from detfit.data import DatasetSpec, check, summary
 
     spec = DatasetSpec.parse(dataset)
-    splits = [s for s in ("train", "val", "test") if getattr(spec, s) is not None]
+    splits = spec.splits
     if split is not None:
         if split not in splits:
             raise DetfitError(f"{dataset}: no {split} split (it has {', '.join(splits)})")
@@ -690,7 +704,7 @@ def data_show(
         Path | None, typer.Option(help="Folder to write into (default: a new runs/data-show).")
     ] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Images on the contact sheet.")] = 16,
-    split: Annotated[str, typer.Option(help="Which split: train, val or test.")] = "train",
+    split: Split = None,
     seed: Annotated[int, typer.Option(help="Seed of the images chosen.")] = 0,
     augment: Annotated[
         bool,
@@ -705,14 +719,15 @@ def data_show(
     ] = [],  # noqa: B006
 ) -> None:
     """Look at a dataset: samples.jpg (N images with boxes, masks and class names drawn) and
-    labels.png (instances per class, box sizes, aspect ratios, where box centres fall)."""
+    labels.png (instances per class, box sizes, aspect ratios, where box centres fall), of the
+    train split unless --split names another."""
     from detfit.plots.dataset import show_augmented, show_dataset
 
     if out is None:
         from detfit.engine.run_folder import new_run_dir
 
         out = new_run_dir("data-show")
-    paths = show_dataset(dataset, out, n=n, split=split, seed=seed)
+    paths = show_dataset(dataset, out, n=n, split=split or "train", seed=seed)
     if augment:
         from detfit.config import merge_settings
 
@@ -724,16 +739,18 @@ def data_show(
 @data_app.command("convert")
 def data_convert(
     dataset: DatasetArg,
-    out: Annotated[Path, typer.Argument(help="Output file, e.g. instances.json.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output file, e.g. instances.json.")],
     to: Annotated[str, typer.Option(help="Output format (coco).")] = "coco",
-    split: Annotated[str, typer.Option(help="Which split to write: train, val or test.")] = "train",
+    split: Split = None,
 ) -> None:
-    """Write a dataset as a COCO instances file that pycocotools loads."""
+    """Write a dataset (its train split unless --split names another) as a COCO instances file
+    that pycocotools loads."""
     from detfit.data import DatasetSpec, write_coco
 
     if to != "coco":
         raise DetfitError(f"--to {to}: only coco is supported as an output format")
     spec = DatasetSpec.parse(dataset)
+    split = split or "train"
     classes = spec.read("train").classes if split != "train" else None
     written = write_coco(spec.read(split, classes), out)
     typer.echo(

@@ -54,20 +54,11 @@ class NanAt(Callback):
 
 class VirtualClock(Callback):
     """The trainer's clock: 1 s per step (plus ``slow`` on rank ``rank`` in epoch ``epoch``)
-    and 1 s per evaluated image, so a time budget's decisions are exact numbers."""
+    and 1 s per evaluated image (:class:`VirtualTimeTrainer`), so a time budget's decisions are
+    exact numbers."""
 
     def __init__(self, rank: int, epoch: int, slow: float) -> None:
         self.rank, self.epoch, self.slow, self.now = rank, epoch, slow, 0.0
-        import detfit.eval.assembly as assembly
-
-        real = assembly.evaluate
-
-        def evaluate(model, loader, *args, **kwargs):
-            batches = list(loader)
-            self.now += sum(len(images) for images, _ in batches)
-            return real(model, batches, *args, **kwargs)
-
-        assembly.evaluate = evaluate
 
     def __call__(self) -> float:
         return self.now
@@ -75,6 +66,20 @@ class VirtualClock(Callback):
     def on_step_end(self, trainer, result):
         slow = distributed.rank() == self.rank and trainer.epoch == self.epoch
         self.now += 1.0 + (self.slow if slow else 0.0)
+
+
+class VirtualTimeTrainer(Trainer):
+    """A Trainer on a :class:`VirtualClock`, whose evaluations (every epoch's and the budget's
+    probe, both through :meth:`Trainer.evaluate`) take 1 s per image they score."""
+
+    def __init__(self, clock: VirtualClock, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock = clock
+
+    def evaluate(self, loader):
+        batches = list(loader)
+        self.clock.now += sum(len(images) for images, _ in batches)
+        return super().evaluate(batches)
 
 
 def main() -> None:
@@ -89,9 +94,10 @@ def main() -> None:
         callbacks.append(clock)
     cfg = TrainConfig.from_dict(job["config"])
     try:
-        trainer = Trainer(cfg, callbacks=callbacks, progress=False)
         if clock is not None:
-            trainer.clock = clock
+            trainer = VirtualTimeTrainer(clock, cfg, callbacks=callbacks, progress=False)
+        else:
+            trainer = Trainer(cfg, callbacks=callbacks, progress=False)
         trainer.fit()
     except Interrupted as exc:
         if distributed.env_is_main():

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from detfit.config import TrainConfig
 from detfit.data import (
@@ -40,7 +40,9 @@ class Datasets:
     category_ids: list[int] | None = None  # the source's category id per label
     has_masks: bool = True
     keypoint_names: list[str] | None = None
-    held_out: str = "split"  # where ``test`` comes from: "val", "test", "split" (seeded), "all"
+    # where ``test`` comes from: "val", "test", "train", "split" (the seeded split's held-out
+    # part), "split-train" (its training part), "all" (every image); see held_out_source
+    held_out: str = "split"
     max_objects: int = 0  # the most objects in one training image (detection caps adapt to it)
     sizes: DataSizes | None = None  # the training set's image and object sizes (adapt.py)
 
@@ -62,11 +64,14 @@ def build_datasets(
     log: Callable[[str], None] = print,
     *,
     held_out: str = "val",
+    split: str | None = None,
 ) -> Datasets:
     """The configured dataset, checked, with the split that is evaluated: the spec's ``held_out``
     split ("val" while training, "test" for ``detfit eval``) if it names one, else the other of
     val/test, else the seeded tutorial split of ``num_test`` images; ``held_out="all"`` (``detfit
-    eval --data``): the test or val split, else every image.
+    eval --data``): the test or val split, else every image. ``split`` (``detfit eval --split``)
+    names the split evaluated instead: one the dataset names, or, for a dataset that names none
+    (Penn-Fudan among them), ``train`` and ``test`` are the two parts of the seeded split.
 
     Every format, Penn-Fudan included, goes through the same check first (every image decoded):
     fatal problems stop here with one line naming the file.
@@ -74,39 +79,50 @@ def build_datasets(
     spec = DatasetSpec.parse(cfg.dataset)
     if spec.format == "pennfudan":
         given = str(spec.train.path) if str(spec.train.path) != "." else None
+        if split == "val":
+            raise DetfitError(
+                f"{spec.text or 'pennfudan'}: no val split (train and test are the seeded split "
+                f"that holds out num_test={cfg.num_test} images)"
+            )
         root = resolve_pennfudan(given or cfg.data_root, download=download)
         records = read_mask_folder(root, ["person"])
         validate([records], spec.text or "pennfudan", log, max_pixels=cfg.max_pixels)
         train_full = PennFudanDataset(root, training_transforms(cfg))
         test_full = PennFudanDataset(root, eval_transforms())
         classes, most = list(PennFudanDataset.classes), most_objects(records)
-        if held_out == "all":
+        if held_out == "all" and split is None:
             return Datasets(train_full, test_full, classes, max_objects=most, held_out="all")
         num_test = held_out_count(len(train_full), cfg, str(root), log)
         train, test = split_dataset(train_full, test_full, num_test, cfg.split_seed)
+        if split == "train":
+            test = Subset(test_full, train.indices)
         train = with_copy_paste(cfg, train, True)
-        return Datasets(train, test, classes, max_objects=most, sizes=data_sizes(records))
+        source = "split-train" if split == "train" else "split"
+        return Datasets(
+            train, test, classes, max_objects=most, sizes=data_sizes(records), held_out=source
+        )
 
     train_set = spec.read("train")
-    order = ("val", "test") if held_out == "val" else ("test", "val")
-    unsplit = "all" if held_out == "all" else "split"
-    source = next((s for s in order if getattr(spec, s) is not None), unsplit)
+    source = held_out_source(spec, held_out, split)
     eval_set = spec.read(source, train_set.classes) if source in ("val", "test") else None
     train_tf = training_transforms(cfg, train_set.keypoint_names)
     validate(
         [train_set] + ([eval_set] if eval_set else []), spec.text, log, max_pixels=cfg.max_pixels
     )
-    if eval_set is not None or source == "all":
+    if eval_set is not None or source in ("all", "train"):
         train = DetectionDataset(train_set, train_tf, train=True)
         test = DetectionDataset(eval_set or train_set, eval_transforms())
     else:
         num_test = held_out_count(len(train_set.images), cfg, spec.text, log)
+        every_image = DetectionDataset(train_set, eval_transforms())
         train, test = split_dataset(
             DetectionDataset(train_set, train_tf, train=True),
-            DetectionDataset(train_set, eval_transforms()),
+            every_image,
             num_test,
             cfg.split_seed,
         )
+        if source == "split-train":
+            test = Subset(every_image, train.indices)
     return Datasets(
         with_copy_paste(cfg, train, train_set.has_masks, spec.text, log),
         test,
@@ -118,6 +134,22 @@ def build_datasets(
         most_objects(train_set),
         data_sizes(train_set),
     )
+
+
+def held_out_source(spec: DatasetSpec, held_out: str, split: str | None) -> str:
+    """Where the evaluated images come from (:attr:`Datasets.held_out`): a split the spec names
+    (val, test, train), the seeded split's held-out part ("split") or its training part
+    ("split-train"), or every image ("all"). See :func:`build_datasets`."""
+    named = [s for s in ("val", "test") if getattr(spec, s) is not None]
+    if split == "train":
+        return "train" if named else "split-train"
+    if split is not None:
+        if split not in named and (named or split == "val"):
+            raise DetfitError(f"{spec.text}: no {split} split (it has {', '.join(spec.splits)})")
+        return split if named else "split"
+    order = ("val", "test") if held_out == "val" else ("test", "val")
+    unsplit = "all" if held_out == "all" else "split"
+    return next((s for s in order if getattr(spec, s) is not None), unsplit)
 
 
 def augment_canvas(cfg: TrainConfig) -> int:

@@ -149,11 +149,16 @@ class DatasetSpec:
             return _from_ultralytics(spec)
         return spec
 
+    @property
+    def splits(self) -> list[str]:
+        """The splits it names, train first."""
+        return [s for s in SPLITS if getattr(self, s) is not None]
+
     def read(self, split: str = "train", classes: list[str] | None = None) -> AnnotatedSet:
         """One split's annotations; ``classes`` (from train) fixes the label order of the others."""
-        source = getattr(self, split)
+        source = getattr(self, split) if split in SPLITS else None
         if source is None:
-            raise DetfitError(f"{self.text}: no {split} split")
+            raise DetfitError(f"{self.text}: no {split} split (it has {', '.join(self.splits)})")
         names = classes[1:] if classes else self.names
         result = read_split(self.format, source.path, source.images, names, self.drop_empty)
         if classes and result.classes != classes:
@@ -164,6 +169,7 @@ class DatasetSpec:
         return result
 
 
+SPLITS = ("train", "val", "test")
 PATH_OPTIONS = {"val", "test", "images", "val_images", "test_images"}
 
 

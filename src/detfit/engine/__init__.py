@@ -2,7 +2,7 @@
 ``evaluate`` for the tutorial's own loop."""
 
 from detfit.engine.callbacks import Callback
-from detfit.engine.loop import EvaluationResult, evaluate, train_one_epoch
+from detfit.engine.step import EvaluationResult, evaluate, train_one_epoch
 from detfit.engine.trainer import Trainer, fit
 
 __all__ = ["Callback", "EvaluationResult", "Trainer", "evaluate", "fit", "train_one_epoch"]

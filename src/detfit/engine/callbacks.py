@@ -34,7 +34,7 @@ from detfit.engine.ema import ema_model
 from detfit.fileio import atomic_write_text
 
 if TYPE_CHECKING:
-    from detfit.engine.loop import StepResult
+    from detfit.engine.step import StepResult
     from detfit.engine.trainer import Trainer
     from detfit.eval.loop import EvaluationResult
 

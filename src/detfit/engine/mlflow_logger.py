@@ -31,7 +31,7 @@ from detfit.engine.callbacks import Callback
 from detfit.errors import DetfitError
 
 if TYPE_CHECKING:
-    from detfit.engine.loop import StepResult
+    from detfit.engine.step import StepResult
     from detfit.engine.trainer import Trainer
     from detfit.eval.loop import EvaluationResult
 

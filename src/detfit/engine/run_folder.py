@@ -3,20 +3,23 @@ that may change), a run torchrun restarted (``--max-restarts``: the group contin
 started), ``--out`` and ``--overwrite``, and a new ``runs/<name>`` otherwise. Rank 0 decides and
 locks the folder (:mod:`detfit.engine.runlock`); every rank gets its answer or its refusal.
 
-:class:`RunFolderMixin` is the part of the :class:`~detfit.engine.trainer.Trainer` that does
-this; it reads the trainer's ``cfg``, ``resume_from``, ``overrides`` and ``overwrite`` and sets
-``run_dir``, ``cfg`` and ``checkpoint`` (the state a resume continues), ``finished`` and
-``lock``.
+The :class:`~detfit.engine.trainer.Trainer` asks a :class:`RunFolder` once, before anything is
+built: :meth:`RunFolder.choose` answers with a :class:`RunChoice` (the folder, the settings to
+train with, which are the resumed run's own when it continues one, and the state it continues),
+and :meth:`RunFolder.start_writing` makes and locks the folder once the data and model are
+checked.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from detfit import distributed
-from detfit.checkpoint import RUN_FILES, holds_run, resume_state
+from detfit.checkpoint import RUN_FILES, ResumeState, holds_run, resume_state
 from detfit.config import SPEED_UPS_OFF, TrainConfig
 from detfit.engine.runlock import RunLock
 from detfit.errors import DetfitError, RunRefused
@@ -75,18 +78,68 @@ def resume_command(run_dir: Path) -> str:
     return f"{launch} {resume}"
 
 
-class RunFolderMixin:
-    """Choosing, locking and starting the run folder, and loading the run a resume continues."""
+@dataclass
+class RunChoice:
+    """What :meth:`RunFolder.choose` decided: the folder, the settings the run trains with, the
+    state it continues (None: a new run), and whether that run has already finished (an
+    elastic restart after the last epoch's checkpoint)."""
 
-    cfg: TrainConfig | None
-    checkpoint: dict[str, Any] | None
-    resume_from: Path | None
-    overrides: dict[str, Any]
-    overwrite: bool
-    finished: bool
-    lock: RunLock | None
     run_dir: Path
-    _resumed_stat: tuple[int, int] | None
+    cfg: TrainConfig
+    checkpoint: ResumeState | None
+    finished: bool
+
+
+class RunFolder:
+    """Choosing, locking and starting a run's folder, and loading the run a resume continues.
+
+    ``cfg``: the new run's settings, or None with ``resume_from`` (a run folder or last.pt);
+    ``overrides``: the settings a resume may change (:data:`RESUMABLE`); ``overwrite``: start
+    over in an ``out`` folder that holds a run; ``log`` prints (rank 0 only where it matters).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig | None,
+        resume_from: Path | None,
+        overrides: dict[str, Any],
+        overwrite: bool,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.cfg, self.resume_from = cfg, resume_from
+        self.overrides, self.overwrite = overrides, overwrite
+        self._log = log
+        self.checkpoint: ResumeState | None = None
+        self.finished = False
+        self.lock: RunLock | None = None  # held by rank 0 while the run writes
+        self.run_dir: Path | None = None
+        self._resumed_stat: tuple[int, int] | None = None
+        self._loaded = resume_from is None  # the resumed run's last.pt is read once
+
+    def log(self, message: str) -> None:
+        if distributed.is_main():
+            self._log(message)
+
+    def settings(self) -> TrainConfig:
+        """The settings before the folder is chosen: the new run's, or the resumed run's own
+        (read from its last.pt, with the overrides applied)."""
+        if not self._loaded:
+            self._loaded = True
+            self._load_resume(self.resume_from)
+        assert self.cfg is not None
+        return self.cfg
+
+    def choose(self) -> RunChoice:
+        """Decide the folder (rank 0, which also locks it; the same answer on every rank, a
+        refusal raised on every rank with rank 0's message)."""
+        self.settings()
+        run_dir = self._choose_run_dir()
+        self.run_dir = run_dir
+        return RunChoice(run_dir, self.cfg, self.checkpoint, self.finished)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     def _load_resume(self, path: Path, finished_ok: bool = False) -> None:
         """Load the run to continue; with ``finished_ok`` a run that has trained all its epochs
@@ -241,7 +294,7 @@ class RunFolderMixin:
                 "give --overwrite to start over in it"
             )
 
-    def _start_writing(self, cfg: TrainConfig) -> None:
+    def start_writing(self, cfg: TrainConfig) -> None:
         """Rank 0: make and lock the folder (a race for a new one is decided here: the second
         process finds it locked, or holding the first one's run), then write config.yaml."""
         fresh = self.lock is None

@@ -4,7 +4,9 @@ runs/<name>/  config.yaml  metrics.csv  metrics.json  last.pt  best.pt  results.
               pr_curve_{bbox,segm}.png  confusion_matrix.png  val_predictions.jpg  [tensorboard/]
 
 :class:`Trainer` owns the loop and the run's state; which folder it writes and the run it
-continues there are :mod:`detfit.engine.run_folder`'s; everything else it does (checkpoints,
+continues there are :mod:`detfit.engine.run_folder`'s, the time budget's plans
+:mod:`detfit.engine.budget`'s, the model options taken from the data
+:mod:`detfit.models.policy`'s; everything else it does (checkpoints,
 metrics files, EMA, progress, console lines, and whatever a user adds) is a callback
 (:mod:`detfit.engine.callbacks`). One process or many (torchrun) run the same code: the facts
 about ranks live in :mod:`detfit.distributed`.
@@ -12,7 +14,6 @@ about ranks live in :mod:`detfit.distributed`.
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 import uuid
@@ -29,15 +30,10 @@ from detfit.checkpoint import (
     model_info,
     save_checkpoint,
 )
-from detfit.config import RECIPES, TrainConfig
-from detfit.data.adapt import adapt_anchors, adapt_options
-from detfit.data.loaders import Datasets, build_datasets, build_loaders
+from detfit.config import TrainConfig
+from detfit.data.loaders import build_datasets, build_loaders
 from detfit.data.spec import absolute_spec
-from detfit.engine.budget import (
-    PROBE_EVAL_BATCHES,
-    TimeBudget,
-    format_duration,
-)
+from detfit.engine.budget import BudgetPlanner, TimeBudget
 from detfit.engine.builders import build_optimizer, build_scheduler, effective_lr
 from detfit.engine.callbacks import (
     EMA,
@@ -52,10 +48,9 @@ from detfit.engine.callbacks import (
     write_metrics,
 )
 from detfit.engine.interrupt import StopRequest
-from detfit.engine.loop import LossMeter, StepResult, TrainStep
 from detfit.engine.rng import rng_state, seed_everything, set_rng_state
-from detfit.engine.run_folder import RunFolderMixin, resume_command
-from detfit.engine.runlock import RunLock
+from detfit.engine.run_folder import RunFolder, resume_command
+from detfit.engine.step import LossMeter, StepResult, TrainStep
 from detfit.errors import DetfitError, Interrupted
 from detfit.eval.assembly import evaluate_run, prepare_model
 from detfit.eval.loop import EvaluationResult
@@ -64,8 +59,12 @@ from detfit.models import (
     build_model,
     iou_types,
 )
-from detfit.models.options import anchor_generator_of, set_anchors
-from detfit.models.policy import loss_weights_for, options_for_data
+from detfit.models.policy import (
+    adapt_anchors_to_data,
+    adapt_to_data,
+    loss_weights_for,
+    options_for_data,
+)
 
 
 def peak_rss_mb() -> float:
@@ -99,46 +98,7 @@ def best_metric_key(cfg: TrainConfig) -> str:
     return key
 
 
-def adapt_to_data(cfg: TrainConfig, data: Datasets, log: Callable[[str], None] = print) -> None:
-    """Model options chosen from the training set's sizes (:mod:`detfit.data.adapt`), one line
-    each, written into ``cfg`` so that config.yaml records them; the user's own values stay."""
-    if data.sizes is None or not cfg.adapt_to_data:
-        return
-    recipe = RECIPES.get(cfg.recipe, {}).get("model_options", {})
-    choices = adapt_options(
-        dict(cfg.model_options), recipe, data.sizes, not cfg.model.startswith("ssd")
-    )
-    for choice in choices:
-        log(f"adapted to the data: {choice.line()}")
-    if choices:
-        cfg.model_options = {**cfg.model_options, **{c.key: c.value for c in choices}}
-
-
-def adapt_anchors_to_data(
-    cfg: TrainConfig,
-    data: Datasets,
-    model: torch.nn.Module,
-    options: dict[str, Any],
-    log: Callable[[str], None] = print,
-) -> None:
-    """The built model's anchors scaled to the data's object sizes (:func:`adapt_anchors`), one
-    line, recorded in ``options`` (hence the checkpoint's model info) and in ``cfg``. FCOS is
-    left alone: its anchors mark each level's size range, not boxes the RPN regresses from."""
-    generator = anchor_generator_of(model)
-    if generator is None or data.sizes is None or cfg.model.startswith("fcos"):
-        return
-    if not cfg.adapt_to_data:
-        return
-    choice = adapt_anchors(generator.sizes, options, data.sizes, not cfg.model.startswith("ssd"))
-    if choice is None:
-        return
-    set_anchors(model, cfg.model, choice.value, None)
-    log(f"adapted to the data: {choice.line()}")
-    options[choice.key] = choice.value
-    cfg.model_options = {**cfg.model_options, choice.key: choice.value}
-
-
-class Trainer(RunFolderMixin):
+class Trainer:
     """Fine-tune ``cfg`` (or continue the run in ``resume``), evaluating after every epoch.
 
     ``Trainer(cfg, callbacks=[...]).fit()`` returns the run folder. Under torchrun every rank
@@ -163,10 +123,10 @@ class Trainer(RunFolderMixin):
     ) -> None:
         if (cfg is None) == (resume is None):
             raise ValueError("give either cfg or resume")
-        self.cfg = cfg
-        self.resume_from = Path(resume) if resume is not None else None
-        self.overrides = dict(overrides or {})
-        self.overwrite = overwrite
+        self.cfg = cfg  # the settings it trains with: a resumed run's own once fit() reads them
+        self.folder = RunFolder(
+            cfg, Path(resume) if resume is not None else None, dict(overrides or {}), overwrite, log
+        )
         self.progress = progress
         self.user_callbacks = list(callbacks)
         self._log = log
@@ -184,13 +144,9 @@ class Trainer(RunFolderMixin):
         # columns callbacks add to the epoch's metrics row during on_evaluation (val_loss, ...)
         self.extra_metrics: dict[str, float] = {}
         self.seconds_before = 0.0  # training time before a resume
-        self.lock: RunLock | None = None  # the run folder's, held by rank 0 while it writes
-        self._resumed_stat: tuple[int, int] | None = None
-        self.budget: TimeBudget | None = None  # the time_budget's plan (detfit.engine.budget)
+        self.planner: BudgetPlanner | None = None  # the time_budget's (detfit.engine.budget)
         self.stop_reason: str | None = None  # why the run ended before its last epoch
         self.clock: Callable[[], float] = time.perf_counter  # what minutes and budgets count
-        self._probe_from: tuple[float, int] | None = None  # (time, iteration) the probe began
-        self._planned = False  # the plan's first line is written
 
     # ---- public helpers for callbacks -------------------------------------------------------
     def log(self, message: str) -> None:
@@ -206,6 +162,11 @@ class Trainer(RunFolderMixin):
     def planned_epochs(self) -> int:
         """The epochs this run trains: ``epochs``, or fewer where the time budget plans so."""
         return self.budget.planned if self.budget is not None else self.cfg.epochs
+
+    @property
+    def budget(self) -> TimeBudget | None:
+        """The time budget's plan (:class:`~detfit.engine.budget.TimeBudget`), None without."""
+        return self.planner.budget if self.planner is not None else None
 
     @property
     def minutes(self) -> float:
@@ -227,9 +188,7 @@ class Trainer(RunFolderMixin):
     # ---- the run --------------------------------------------------------------------------
     def fit(self) -> Path:
         """Train to the last epoch (or until stopped); returns the run folder."""
-        if self.resume_from is not None:
-            self._load_resume(self.resume_from)
-        assert self.cfg is not None
+        self.cfg = self.folder.settings()
         self.device = distributed.resolve_device(self.cfg.device)
         with distributed.process_group(self.device), StopRequest() as stop:
             self.stop = stop
@@ -242,18 +201,19 @@ class Trainer(RunFolderMixin):
             finally:
                 # drop every reference to the DDP wrapper before the group goes (see shutdown)
                 self.model = self.step = None
-                if self.lock is not None:
-                    self.lock.release()
+                self.folder.release()
         return self.run_dir
 
     def _setup(self) -> None:
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
-        self.run_dir = self._choose_run_dir()
+        chosen = self.folder.choose()  # a restart may continue its run, with that run's settings
+        self.run_dir, self.cfg = chosen.run_dir, chosen.cfg
+        self.checkpoint, self.finished = chosen.checkpoint, chosen.finished
         if self.finished:  # the kill may have come before the metrics files were rewritten
             if distributed.is_main():
                 write_metrics(self.run_dir, self.checkpoint.history)
             return
-        cfg = self.cfg  # a restart may have loaded the run's own settings
+        cfg = self.cfg
         cfg.out = str(self.run_dir)
         if self.checkpoint is None:  # a new run: its id goes into config.yaml and checkpoints
             cfg.run_id = distributed.broadcast_from_main(uuid.uuid4().hex[:16])
@@ -286,7 +246,7 @@ class Trainer(RunFolderMixin):
         self.optimizer = build_optimizer(cfg, self.module, lr)
         batches = self.loaders.batches.batches_per_epoch()
         self.iters_per_epoch = min(batches, cfg.max_iters_per_epoch or batches)
-        self.budget = self._time_budget()
+        self.planner = BudgetPlanner.for_run(self, self.checkpoint)
         self.scheduler = build_scheduler(
             cfg, self.optimizer, self.iters_per_epoch, epochs=lambda: self.planned_epochs
         )
@@ -313,7 +273,7 @@ class Trainer(RunFolderMixin):
             cfg.dataset = absolute_spec(cfg.dataset)
             cfg.data_root = os.path.abspath(cfg.data_root) if cfg.data_root else None
         if distributed.is_main():  # only now, with data and model checked: a folder is made
-            self._start_writing(cfg)
+            self.folder.start_writing(cfg)
         distributed.barrier()
         if self.world_size > 1:
             self.log(
@@ -427,13 +387,9 @@ class Trainer(RunFolderMixin):
                 getattr(cb, event)(self, *args)
 
     def _train(self) -> None:
-        cfg = self.cfg
         epoch = self.epoch + 1 if self.evaluated else self.epoch
-        if self.budget is not None and not self.budget.measured:
-            self.log(
-                f"time budget {cfg.time_budget}: timing the first iterations and an evaluation "
-                f"to plan the epochs (at most {self.budget.cap}, the epochs setting)"
-            )
+        if self.planner is not None:
+            self.planner.start()
         while epoch < self.planned_epochs:
             if epoch != self.epoch or self.evaluated:
                 self.epoch, self.iteration, self.evaluated = epoch, 0, False
@@ -444,7 +400,7 @@ class Trainer(RunFolderMixin):
                 self._train_epoch()
             self.meter.stop()
             evaluating = self.clock()
-            result = self._evaluate(self.loaders.test)
+            result = self.evaluate(self.loaders.test)
             if self.budget is not None:
                 self.budget.eval_seconds = self.clock() - evaluating
             self.last_evaluation = result
@@ -460,17 +416,15 @@ class Trainer(RunFolderMixin):
                 reason = self.stop_reason or "a callback asked to"
                 self.log(f"stopping after {self.epoch_label()}: {reason}")
                 break
-            if self.budget is not None:
-                self._replan(began if began_at == 0 else None)
+            if self.planner is not None:
+                self.planner.after_epoch(began if began_at == 0 else None)
             epoch += 1
         else:
-            if self.budget is not None:
-                self.log(
-                    f"time budget {cfg.time_budget}: {self.planned_epochs} epochs trained and "
-                    f"evaluated in {format_duration(self.minutes * 60)}"
-                )
+            if self.planner is not None:
+                self.planner.finished()
 
-    def _evaluate(self, loader: Any) -> EvaluationResult:
+    def evaluate(self, loader: Any) -> EvaluationResult:
+        """Score the evaluated model (EMA's when on) on ``loader``, as every epoch does."""
         return evaluate_run(
             self.eval_model,
             loader,
@@ -497,110 +451,8 @@ class Trainer(RunFolderMixin):
             self._fire("on_step_end", result)
             if result.stop:
                 self._interrupt()
-            if self.budget is not None and self._out_of_time(self.clock() - stepping):
+            if self.planner is not None and self.planner.out_of_time(self.clock() - stepping):
                 break
-
-    # ---- the time budget (detfit.engine.budget) -----------------------------------------
-    def _time_budget(self) -> TimeBudget | None:
-        """The run's budget: a new one, or the checkpoint's plan (a new cap when ``epochs``
-        changed on resume); None without ``time_budget``."""
-        cfg, ckpt = self.cfg, self.checkpoint
-        if not cfg.time_budget:
-            return None
-        fresh = TimeBudget.from_setting(cfg.time_budget, cfg.epochs)
-        if ckpt is None or not ckpt.budget:
-            return fresh
-        budget = TimeBudget.from_state(ckpt.budget)
-        budget.seconds, budget.cap = fresh.seconds, cfg.epochs
-        budget.planned = min(max(budget.planned, ckpt.done), cfg.epochs)
-        if ckpt.evaluated and budget.measured and ckpt.done:
-            # a new budget or cap on resume: plan from the last epoch's cost
-            cost = budget.seconds_per_iter * self.iters_per_epoch + budget.eval_seconds
-            why = budget.plan(ckpt.seconds, ckpt.done, 0.0, cost)
-            self.log(f"time budget {cfg.time_budget}: planned {budget.planned} epochs ({why})")
-            self._planned = True
-        return budget
-
-    def _out_of_time(self, last_step: float) -> bool:
-        """After a step that took ``last_step`` seconds: time the probe and plan; whether the
-        epoch must end now, another step like it and the evaluation no longer fitting (the same
-        answer on every rank)."""
-        if not self.budget.measured:
-            self._probe()
-            return False
-        if self.iteration >= self.iters_per_epoch:
-            return False  # the evaluation comes next anyway
-        late = self.budget.must_stop_now(self.minutes * 60 + last_step)
-        if distributed.any_rank(late):
-            self.stop_reason = (
-                f"the time budget ({self.cfg.time_budget}) leaves only the time to evaluate, "
-                f"at iteration {self.iteration}/{self.iters_per_epoch}"
-            )
-            return True
-        return False
-
-    def _probe(self) -> None:
-        """Time the run's iterations after its first (which pays for allocations), up to
-        PROBE_ITERS, then an evaluation of a few held-out batches, scaled to the whole split,
-        and make the first plan. An epoch that ends sooner times its own evaluation instead."""
-        from detfit.engine import budget as budget_module
-
-        now = self.clock()
-        if self._probe_from is None:
-            self._probe_from = (now, self.iteration)
-            return
-        start, first = self._probe_from
-        steps = self.iteration - first
-        epoch_over = self.iteration >= self.iters_per_epoch
-        if steps < budget_module.PROBE_ITERS - 1 and not epoch_over or steps <= 0:
-            return  # (an epoch of one step: the plan follows its evaluation, _replan)
-        self.budget.seconds_per_iter = distributed.broadcast_from_main((now - start) / steps)
-        if epoch_over:
-            return  # the plan follows the epoch's evaluation (_replan)
-        evaluating = self.clock()
-        batches = list(itertools.islice(self.loaders.test, PROBE_EVAL_BATCHES))
-        self._evaluate(batches)
-        scale = len(self.loaders.test) / max(len(batches), 1)
-        seconds = distributed.broadcast_from_main((self.clock() - evaluating) * scale)
-        self.budget.eval_seconds = seconds
-        left = (self.iters_per_epoch - self.iteration) * self.budget.seconds_per_iter + seconds
-        self._plan(left, self.budget.seconds_per_iter * self.iters_per_epoch + seconds)
-
-    def _replan(self, epoch_started: float | None) -> None:
-        """After an epoch: plan again from what the epoch really cost, evaluation and
-        checkpoints included (estimated from the measured rates when it was resumed part way)."""
-        budget = self.budget
-        if budget.seconds_per_iter is None and epoch_started is not None:
-            # epochs too short for the probe (one step): the epoch's own times are the rates
-            spent = self.clock() - epoch_started - (budget.eval_seconds or 0.0)
-            budget.seconds_per_iter = distributed.broadcast_from_main(
-                max(spent, 0.0) / max(self.iters_per_epoch, 1)
-            )
-        if budget.seconds_per_iter is None:
-            return
-        if epoch_started is not None:
-            cost = self.clock() - epoch_started
-        else:
-            cost = budget.seconds_per_iter * self.iters_per_epoch + budget.eval_seconds
-        self._plan(0.0, distributed.broadcast_from_main(cost))
-
-    def _plan(self, finish_current: float, epoch_cost: float) -> None:
-        """Plan, on rank 0's numbers; the first plan is one line saying why, later changes too."""
-        budget, before = self.budget, self.budget.planned
-        why = budget.plan(self.minutes * 60, self.epoch + 1, finish_current, epoch_cost)
-        budget.planned = distributed.broadcast_from_main(budget.planned)
-        if not self._planned:
-            rate = (
-                f"{budget.seconds_per_iter:.2f} s per iteration x {self.iters_per_epoch} + "
-                f"{format_duration(budget.eval_seconds)} evaluation"
-            )
-            self.log(
-                f"time budget {self.cfg.time_budget}: planned {budget.planned} epochs ({rate}; "
-                f"{why}); the learning-rate schedule ends there"
-            )
-        elif budget.planned != before:
-            self.log(f"time budget: now {budget.planned} epochs instead of {before} ({why})")
-        self._planned = True
 
     def _metrics_row(self, result: EvaluationResult) -> dict[str, Any]:
         train = self.meter.summary(self.optimizer.param_groups[0]["lr"])

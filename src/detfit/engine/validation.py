@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from detfit import distributed
-from detfit.engine.loop import move_to
+from detfit.engine.step import move_to
 from detfit.eval.loop import as_float_image
 
 PER_OBJECT = ("boxes", "labels", "masks", "keypoints", "area", "iscrowd")

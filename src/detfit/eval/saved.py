@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 # Where the images scored come from, as Datasets.held_out names it, in words.
 SCORED = {
     "split": "the run's held-out split",
+    "split-train": "the run's training images (the seeded split's other part)",
+    "train": "the train split of",
     "val": "the val split of",
     "test": "the test split of",
     "all": "every image of",
@@ -27,6 +29,7 @@ def evaluate_checkpoint(
     checkpoint: str | Path,
     *,
     data: str | None = None,
+    split: str | None = None,
     data_root: str | Path | None = None,
     device: str = "auto",
     progress: bool = True,
@@ -39,13 +42,16 @@ def evaluate_checkpoint(
     slicing: Slicing | None = None,
 ) -> EvaluationResult:
     """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data`` (its test or
-    val split when it names one, else every image), with the COCO metric ``backend`` (None: the
-    run's ``eval_backend``). ``verbose`` prints the metric's summary table per IoU type (not its
-    index-building chatter); ``plots`` names a folder for the PR curves, confusion matrix and
-    ``val_predictions.jpg``; ``log`` gets one line saying which images are scored; ``tta``:
-    with test-time augmentation (None: as the run's ``tta`` setting);
-    ``precision`` (fp32, bf16, fp16) overrides the run's own (its precision/amp settings);
-    ``slicing`` scores sliced inference (:mod:`detfit.predict.slicing`) with the same metric.
+    val split when it names one, else every image), or on the ``split`` named (train, val,
+    test; on a dataset that names none, train and test are the seeded split's parts).
+
+    ``backend``: the COCO metric (None: the run's ``eval_backend``); ``verbose`` prints the
+    metric's summary table per IoU type (not its index-building chatter); ``plots`` names a
+    folder for the PR curves, confusion matrix and ``val_predictions.jpg``; ``log`` gets one line
+    saying which images are scored; ``tta``: with test-time augmentation (None: as the run's
+    ``tta`` setting); ``precision`` (fp32, bf16, fp16) overrides the run's own (its
+    precision/amp settings); ``slicing`` scores sliced inference (:mod:`detfit.predict.slicing`)
+    with the same metric.
 
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
@@ -79,7 +85,7 @@ def evaluate_checkpoint(
     with distributed.process_group(dev):
         with distributed.main_first():
             datasets = build_datasets(
-                cfg, log=lambda line: None, held_out="all" if data else "test"
+                cfg, log=lambda line: None, held_out="all" if data else "test", split=split
             )
         classes = loaded.classes
         if classes and datasets.classes != classes:
@@ -90,7 +96,7 @@ def evaluate_checkpoint(
         loaders = build_loaders(cfg, datasets, distributed.rank(), distributed.world_size())
         model = loaded.model
         dtype = prepare_model(model, cfg, dev, log if main() else lambda line: None)
-        source = "" if datasets.held_out == "split" else f" {cfg.dataset}"
+        source = "" if datasets.held_out.startswith("split") else f" {cfg.dataset}"
         scored = f"{SCORED[datasets.held_out]}{source}"
         if slicing is not None:
             scored += f", sliced in {slicing.size} px tiles"

@@ -31,6 +31,7 @@ class ImageParity:
     mask_iou: float | None  # smallest IoU over matched masks (None: no masks)
     tied: int  # unmatched detections tied with the lowest kept score (a top-k cut-off)
     keypoint_px: float | None = None  # largest keypoint difference (None: no keypoints)
+    box_tol: float = BOX_TOL  # the largest box difference that passes, in pixels
 
     @property
     def unmatched(self) -> int:
@@ -40,7 +41,7 @@ class ImageParity:
     def ok(self) -> bool:
         masks_ok = self.mask_iou is None or self.mask_iou >= MASK_IOU
         keypoints_ok = self.keypoint_px is None or self.keypoint_px <= KEYPOINT_TOL
-        boxes_ok = self.box_px <= BOX_TOL and self.score <= SCORE_TOL
+        boxes_ok = self.box_px <= self.box_tol and self.score <= SCORE_TOL
         return self.unmatched == 0 and boxes_ok and masks_ok and keypoints_ok
 
     def line(self) -> str:
@@ -97,7 +98,11 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> float:
     return 1.0 if union == 0 else (ma & mb).sum().item() / union
 
 
-def compare(name: str, size: tuple[int, int], eager: Output, exported: Output) -> ImageParity:
+def compare(
+    name: str, size: tuple[int, int], eager: Output, exported: Output, box_tol: float = BOX_TOL
+) -> ImageParity:
+    """How ``exported``'s detections of one image compare with ``eager``'s; boxes pass within
+    ``box_tol`` pixels."""
     pairs = match(eager, exported)
     ia = [i for i, _ in pairs]
     ib = [j for _, j in pairs]
@@ -130,4 +135,5 @@ def compare(name: str, size: tuple[int, int], eager: Output, exported: Output) -
         iou,
         tied,
         keypoint_px,
+        box_tol,
     )

@@ -75,10 +75,6 @@ def build_detector(
             f"{name}: torchvision has no full-detector weights for it; set weights_backbone "
             "(or --resume a run of it)"
         )
-    if not fpn and (num_levels is not None or fpn_channels is not None):
-        raise DetfitError(f"{name}: num_levels/fpn_channels need an FPN ({name}_fpn)")
-    if head != "maskrcnn" and (mask_head_channels != 256 or mask_head_norm or mask_levels):
-        raise DetfitError(f"{name}: {'/'.join(MASK_HEAD_OPTIONS)} are Mask R-CNN options")
     fpn_channels = fpn_channels or 256
     backbone = build_backbone(
         backbone_name,
@@ -95,8 +91,10 @@ def build_detector(
     try:
         mask_head = (mask_head_channels, mask_head_norm, mask_levels)
         model = _assemble(head, backbone, anchors, num_classes, mask_head, kwargs)
-    except TypeError as exc:
-        raise DetfitError(f"{name}: unknown model option ({str(exc).splitlines()[0]})") from None
+    except TypeError as exc:  # a value of the wrong kind for the constructor
+        raise DetfitError(
+            f"{name}: torchvision refused a model option ({str(exc).splitlines()[0]})"
+        ) from None
     return apply_post_build(model, name, options)
 
 

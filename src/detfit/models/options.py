@@ -59,27 +59,11 @@ def constructor_option_names(name: str, family: str) -> set[str]:
 
 
 def constructor_options(name: str, family: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options that go to the torchvision constructor of ``family`` (rcnn, dense, ssd).
-
-    torchvision passes unknown keywords on to its transform, which ignores them; here an unknown
-    name is an error, so a misspelt setting cannot go unnoticed.
-    """
-    cls = constructor_class(name)
-    known = set(inspect.signature(cls.__init__).parameters) - SET_BY_BUILDERS
-    out = {}
-    for key, value in options.items():
-        if key in SET_AFTER_BUILDING:
-            continue
-        if family == "ssd" and key in ("min_size", "max_size"):
-            raise DetfitError(f"{name}: SSD resizes to a fixed square; set size, not {key}")
-        key = RCNN_NAMES.get(key, key) if family == "rcnn" else key
-        if key not in known:
-            raise DetfitError(
-                f"{name}: unknown model option {key!r} (see detfit.models.options and "
-                f"{cls.__name__}'s arguments)"
-            )
-        out[key] = value
-    return out
+    """The options that go to the torchvision constructor of ``family`` (rcnn, dense, ssd), by
+    the constructor's names. Which options a model takes is the registry's to decide
+    (:meth:`detfit.models.registry.ModelSpec.takes`, checked before any builder runs)."""
+    rename = RCNN_NAMES if family == "rcnn" else {}
+    return {rename.get(k, k): v for k, v in options.items() if k not in SET_AFTER_BUILDING}
 
 
 def _nested(values: Any, what: str) -> tuple[tuple[float, ...], ...]:
@@ -99,8 +83,7 @@ def anchor_generator_of(model: nn.Module) -> AnchorGenerator | None:
 def set_anchors(model: nn.Module, name: str, sizes: Any, ratios: Any) -> None:
     """New anchor sizes/ratios with the same number per location and per level as the heads."""
     old = anchor_generator_of(model)
-    if old is None:
-        raise DetfitError(f"{name}: SSD default boxes are fixed; anchor_sizes/aspect_ratios unused")
+    assert old is not None, "the registry refuses anchors for SSD"
     sizes = old.sizes if sizes is None else _nested(sizes, "anchor_sizes")
     if ratios is None:
         ratios = old.aspect_ratios
@@ -126,8 +109,6 @@ def set_anchors(model: nn.Module, name: str, sizes: Any, ratios: Any) -> None:
 
 def set_ssd_size(model: SSD, name: str, size: int) -> None:
     """SSDLite's input size (torchvision fixes 320); its default boxes follow the feature maps."""
-    if not isinstance(model.head.classification_head.module_list[0], nn.Sequential):
-        raise DetfitError(f"{name}: the VGG extra layers fix the input at 300 px; size unused")
     if not isinstance(size, int) or size < 32:
         raise DetfitError(f"{name}: size must be an integer >= 32, got {size!r}")
     model.transform.fixed_size = (size, size)
@@ -137,8 +118,6 @@ def set_ssd_size(model: SSD, name: str, size: int) -> None:
 def apply_post_build(model: nn.Module, name: str, options: dict[str, Any]) -> nn.Module:
     if "anchor_sizes" in options or "aspect_ratios" in options:
         set_anchors(model, name, options.get("anchor_sizes"), options.get("aspect_ratios"))
-    if "size" in options:
-        if not isinstance(model, SSD):
-            raise DetfitError(f"{name}: size is an SSD option; use min_size/max_size")
+    if "size" in options:  # SSDLite only (the registry's options)
         set_ssd_size(model, name, options["size"])
     return model

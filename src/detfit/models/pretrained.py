@@ -82,8 +82,6 @@ def build_pretrained(
     pretrained rows the new layers keep (new indices 1, 2, ... in the order given).
     """
     keypoints = "keypoint" in name
-    if not keypoints and (num_keypoints is not None or keep_keypoints):
-        raise DetfitError(f"{name}: num_keypoints/keep_keypoints are Keypoint R-CNN options")
     kwargs = constructor_options(name, family, options)
     kwargs["trainable_backbone_layers"] = trainable_backbone_layers
     spec = resolve_weights(weights, weights_enum)
@@ -101,8 +99,10 @@ def build_pretrained(
             return apply_post_build(model, name, options)
         with served(weights_enum, spec) as member:
             model = builder(weights=member, weights_backbone=None, **kwargs)
-    except TypeError as exc:  # an option the constructor does not take
-        raise DetfitError(f"{name}: unknown model option ({str(exc).splitlines()[0]})") from None
+    except TypeError as exc:  # a value of the wrong kind for the constructor
+        raise DetfitError(
+            f"{name}: torchvision refused a model option ({str(exc).splitlines()[0]})"
+        ) from None
     except RuntimeError as exc:  # strict load_state_dict: wrong architecture or class count
         if isinstance(exc, DetfitError):
             raise

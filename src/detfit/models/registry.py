@@ -192,6 +192,37 @@ def options_not_taken(name: str, options: dict[str, Any]) -> list[str]:
     return [k for k in options if not spec.takes(k)]
 
 
+def _why_not_taken(name: str, key: str) -> str | None:
+    """Why model ``name`` does not take option ``key``, where a reason is worth a word."""
+    ssd = name.startswith("ssd")
+    if key in FPN_OPTIONS:
+        return f"{'/'.join(FPN_OPTIONS)} need an FPN ({name}_fpn)"
+    if key in MASK_HEAD_OPTIONS:
+        return f"{'/'.join(MASK_HEAD_OPTIONS)} are Mask R-CNN options"
+    if key in ("num_keypoints", "keep_keypoints"):
+        return "num_keypoints/keep_keypoints are Keypoint R-CNN options"
+    if ssd and key in ("min_size", "max_size"):
+        return f"SSD resizes to a fixed square; set size, not {key}"
+    if ssd and key in _ANCHORS:
+        return "SSD default boxes are fixed; anchor_sizes/aspect_ratios do not apply"
+    if ssd and key == "size":
+        return "the VGG extra layers fix the input at 300 px"
+    if key == "size":
+        return "size is an SSD option; use min_size/max_size"
+    return None
+
+
+def options_refusal(name: str, keys: list[str]) -> str:
+    """The one line for options model ``name`` does not take: why, or else what it takes."""
+    reasons = list(dict.fromkeys(r for r in (_why_not_taken(name, k) for k in keys) if r))
+    unknown = [k for k in keys if _why_not_taken(name, k) is None]
+    if unknown:
+        reasons.append(
+            f"unknown model option(s) for it; it takes {', '.join(sorted(get_spec(name).options))}"
+        )
+    return f"{name} does not take model option(s) {', '.join(keys)}: {'; '.join(reasons)}"
+
+
 def iou_types(model: str | nn.Module) -> list[str]:
     """What a model is scored on: bbox always, segm with masks, keypoints with keypoints.
 
@@ -225,6 +256,9 @@ def build_model(
     torchvision constructor.
     """
     spec = get_spec(name)
+    not_taken = options_not_taken(name, options)
+    if not_taken:  # every builder below may take its options as they come
+        raise DetfitError(options_refusal(name, not_taken))
     if num_classes < 2:
         raise DetfitError(f"num_classes must count the background too (>= 2), got {num_classes}")
     if weights == "default":

@@ -57,7 +57,7 @@ def _number(text: str | None) -> float:
 
 def loss_names(rows: Sequence[Row]) -> list[str]:
     """The losses a run logged (``train_<name>`` columns that are losses), total first."""
-    from detfit.engine.loop import NOT_LOSSES
+    from detfit.engine.step import NOT_LOSSES
 
     names = dict.fromkeys(
         k.removeprefix("train_") for row in rows for k in row if k.startswith("train_")

@@ -1,6 +1,7 @@
-"""One training step, and ``train_one_epoch``/``evaluate`` with the signatures of torchvision's
-references, so the tutorial's main runs unchanged. The :class:`~detfit.engine.trainer.Trainer`
-runs the same :class:`TrainStep` and :class:`LossMeter`; evaluation lives in :mod:`detfit.eval`."""
+"""One training step (:class:`TrainStep`) and its running loss means (:class:`LossMeter`), and
+``train_one_epoch``/``evaluate`` with the signatures of torchvision's references, so the
+tutorial's main runs unchanged. The :class:`~detfit.engine.trainer.Trainer` runs the same step and
+meter; evaluation lives in :mod:`detfit.eval`."""
 
 from __future__ import annotations
 
