@@ -457,14 +457,24 @@ RUN_CASES = {
 }
 
 
+def resumable_state(ws: Path) -> dict:
+    """The good checkpoint's weights as a last.pt: every field a resume reads, before epoch 1."""
+    from detfit.checkpoint import ResumeState
+
+    good = torch.load(ws / "ckpts" / "good.pt", weights_only=True)
+    state = ResumeState(
+        model=good["model"], model_info=good["model_info"], config=good["config"],
+        optimizer={}, scheduler={}, history=[], evaluated=False,
+    )  # fmt: skip
+    return state.payload()
+
+
 @pytest.mark.parametrize("case", list(RUN_CASES))
 def test_bad_runs_and_devices(ws, monkeypatch, capsys, case):
     args, named = RUN_CASES[case]
     resumable = ws / "runs" / "resumable" / "last.pt"
     if not resumable.exists():  # what a run's checkpoint holds besides the weights
-        good = torch.load(ws / "ckpts" / "good.pt", weights_only=True)
-        state = {"optimizer": {}, "scheduler": {}, "history": [], "epoch": 0}
-        save_checkpoint(resumable, {**good, **state})
+        save_checkpoint(resumable, resumable_state(ws))
     run_case(ws, monkeypatch, capsys, args, named)
 
 
@@ -740,8 +750,7 @@ def test_resume_of_a_last_pt_from_another_run(ws, exports, monkeypatch, capsys):
     run = ws / "runs" / "foreign"
     if not run.exists():
         good = torch.load(ws / "ckpts" / "good.pt", weights_only=True)
-        state = {"optimizer": {}, "scheduler": {}, "history": [], "epoch": 0}
-        save_checkpoint(run / "last.pt", {**good, **state})  # its config has no run id
+        save_checkpoint(run / "last.pt", resumable_state(ws))  # its config has no run id
         cfg = TrainConfig.from_dict({**good["config"], "run_id": "a1b2c3d4e5f6a7b8"})
         cfg.save(run / "config.yaml")
     run_case(

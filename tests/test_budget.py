@@ -20,6 +20,7 @@ from detfit.engine import Callback, Trainer
 from detfit.engine.budget import TimeBudget
 from detfit.engine.callbacks import evaluations_since_best
 from detfit.errors import DetfitError, Interrupted
+from jobs.train_job import VirtualTimeTrainer  # evaluations take 1 s per image on its clock
 from test_trainer import SignalAt, tiny
 
 
@@ -44,20 +45,6 @@ class Steps(Callback):
 
     def on_step_end(self, trainer, result):
         self.clock.now += 1.0 + (self.slow if trainer.epoch == self.slow_epoch else 0.0)
-
-
-class VirtualTimeTrainer(Trainer):
-    """A Trainer on the virtual clock, whose evaluations (every epoch's and the budget's probe,
-    both through :meth:`Trainer.evaluate`) take 1 s per image they score."""
-
-    def __init__(self, clock: VirtualClock, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.clock = clock
-
-    def evaluate(self, loader):
-        batches = list(loader)
-        self.clock.now += sum(len(images) for images, _ in batches)
-        return super().evaluate(batches)
 
 
 @pytest.fixture(scope="module")

@@ -292,6 +292,7 @@ def resume_state(path: str | Path) -> ResumeState:
     format this version does not write (a field missing), is one line: its weights still start
     a new run (``--weights``)."""
     path = Path(path)
+    path = path / "last.pt" if path.is_dir() else path
     ckpt = load_checkpoint(path)
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:

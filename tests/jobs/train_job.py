@@ -69,10 +69,11 @@ class VirtualClock(Callback):
 
 
 class VirtualTimeTrainer(Trainer):
-    """A Trainer on a :class:`VirtualClock`, whose evaluations (every epoch's and the budget's
-    probe, both through :meth:`Trainer.evaluate`) take 1 s per image they score."""
+    """A Trainer on a virtual clock (anything with a ``now`` in seconds), whose evaluations
+    (every epoch's and the budget's probe, both through :meth:`Trainer.evaluate`) take 1 s per
+    image they score."""
 
-    def __init__(self, clock: VirtualClock, *args, **kwargs) -> None:
+    def __init__(self, clock, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.clock = clock
 
