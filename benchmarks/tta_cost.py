@@ -1,10 +1,13 @@
 """What test-time augmentation (``--tta``: the image and its mirror, fused) gives and costs.
 
-    python benchmarks/tta_cost.py RUN [--data FORMAT:PATH] [--rounds 3] [--device cpu]
+    python benchmarks/tta_cost.py RUN [--data FORMAT:PATH] [--rounds 3] [--device cpu] \\
+        [--scales 1 --scales 0.85,1,1.15]
 
-Scores the checkpoint without and with TTA, alternating, ``rounds`` times in one process (so a
-shared machine slows both alike), and prints AP per IoU type and seconds per image (the
-evaluation loop's own time: model calls, fusion and metric bookkeeping, not reading the files).
+Scores the checkpoint without TTA and with each TTA variant (``--scales``: the views' sizes as
+factors of the model's own resize, every size also mirrored; default the flip alone),
+alternating, ``rounds`` times in one process (so a shared machine slows all alike), and prints
+AP per IoU type, seconds per image (the evaluation loop's own time: model calls, fusion and
+metric bookkeeping, not reading the files) and each variant's cost against plain inference.
 """
 
 from __future__ import annotations
@@ -21,11 +24,18 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="score this set instead of the run's split")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--scales", action="append", help="a TTA variant: comma-separated sizes (repeat)"
+    )
     args = parser.parse_args()
-    seconds: dict[bool, list[float]] = {False: [], True: []}
+    variants: dict[str, tuple[float, ...] | None] = {"plain": None}
+    for text in args.scales or ["1"]:
+        scales = tuple(float(s) for s in text.split(","))
+        variants[f"tta, flip x {','.join(f'{s:g}' for s in scales)}"] = scales
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
     stats = {}
     for _ in range(args.rounds):
-        for tta in (False, True):
+        for name, scales in variants.items():
             result = evaluate_checkpoint(
                 args.checkpoint,
                 data=args.data,
@@ -33,19 +43,19 @@ def main() -> None:
                 progress=False,
                 verbose=False,
                 log=lambda line: None,
-                tta=tta,
+                tta=scales is not None,
+                tta_scales=scales,
             )
-            seconds[tta].append(result.seconds / max(result.num_images, 1))
-            stats[tta] = result.stats
+            seconds[name].append(result.seconds / max(result.num_images, 1))
+            stats[name] = result.stats
             images = result.num_images
-    print(f"{images} images, {args.rounds} rounds (median s/image)")
-    print("| | " + " | ".join(f"{t} AP" for t in stats[False]) + " | s/image |")
-    print("|---" * (len(stats[False]) + 2) + "|")
-    for tta, name in ((False, "plain"), (True, "tta (flip)")):
-        aps = " | ".join(f"{s['AP']:.3f}" for s in stats[tta].values())
-        print(f"| {name} | {aps} | {statistics.median(seconds[tta]):.4f} |")
-    ratios = [b / a for a, b in zip(seconds[False], seconds[True])]
-    print(f"cost ratio tta / plain per round: {', '.join(f'{r:.2f}' for r in ratios)}")
+    print(f"{args.checkpoint}: {images} images, {args.rounds} rounds (median s/image)")
+    print("| | " + " | ".join(f"{t} AP" for t in stats["plain"]) + " | s/image | x plain |")
+    print("|---" * (len(stats["plain"]) + 3) + "|")
+    for name in variants:
+        aps = " | ".join(f"{s['AP']:.3f}" for s in stats[name].values())
+        ratio = statistics.median(b / a for a, b in zip(seconds["plain"], seconds[name]))
+        print(f"| {name} | {aps} | {statistics.median(seconds[name]):.4f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -148,3 +148,40 @@ def test_eval_and_predict_take_tta(trained_run, tmp_path, monkeypatch, capsys):
     assert len(written["detections"]) == len(fused) > 0
     assert [d["score"] for d in written["detections"]] == pytest.approx(fused.scores.tolist())
     assert fused.masks.shape[1:] == plain.masks.shape[1:] and fused.masks.dtype == torch.bool
+
+
+def test_a_scale_resizes_inside_the_model_and_puts_its_sizes_back(trained_run):
+    """A torchvision detector resizes every image itself, so a view's scale multiplies the sizes
+    it resizes to (rescaling the image would be undone); the detections come back in the
+    image's own pixels and the model's sizes are as they were."""
+    ckpt = load_checkpoint(trained_run / "best.pt")
+    model = rebuild_model(ckpt["model_info"], ckpt["model"]).eval()
+    sizes = (model.transform.min_size, model.transform.max_size)
+    seen: list[tuple[int, int]] = []
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-2:]))
+    image = torch.rand(3, 60, 80)
+    with torch.inference_mode():
+        model([image])
+        scaled = tta_predict(model, [image], TTA(flip=False, scales=(1.5,)))
+        fused = tta_predict(model, [image], TTA(flip=True, scales=(1.0, 1.5)))
+    assert (model.transform.min_size, model.transform.max_size) == sizes
+    plain_h, scaled_h = seen[0][0], seen[1][0]  # batched (padded to a multiple of 32) heights
+    assert scaled_h >= 1.4 * plain_h, seen
+    assert len(seen) == 2 + 4  # the fused call: two sizes, each mirrored
+    for out in (scaled[0], fused[0]):
+        n = len(out["boxes"])
+        assert out["masks"].shape == (n, 1, 60, 80)
+        assert (out["boxes"][:, 2] <= 80 + 1e-4).all() and (out["boxes"][:, 3] <= 60 + 1e-4).all()
+
+
+def test_tta_scales_are_checked_as_the_setting(trained_run, tmp_path, monkeypatch, capsys):
+    from detfit.config import SettingsError, TrainConfig
+
+    with pytest.raises(SettingsError, match="tta_scales"):
+        TrainConfig(tta_scales=[])
+    code, _, err = run_main(
+        monkeypatch, capsys, "eval", trained_run, "--tta", "--tta-scale", "0", "--no-plots"
+    )
+    assert code == 2 and err.startswith("detfit: error: --tta-scale") and err.count("\n") == 1
+    with pytest.raises(SettingsError, match="--tta-scale"):
+        Predictor(trained_run, device="cpu", tta=True, tta_scales=[1.0, -2.0])

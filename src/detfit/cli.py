@@ -75,6 +75,14 @@ Split = Annotated[
 Recipe = Annotated[
     str, typer.Option(help="auto (cpu without a GPU, else tutorial), cpu, tutorial.")
 ]
+TTAScale = Annotated[
+    list[float],
+    typer.Option(
+        "--tta-scale",
+        help="With --tta: a size for its views, as a factor of the model's own resize; repeat "
+        "for more (e.g. --tta-scale 1 --tta-scale 1.15; default: the tta_scales setting).",
+    ),
+]
 Precision = Annotated[
     str | None,
     typer.Option(
@@ -281,6 +289,7 @@ def eval_(
             "the run's tta setting).",
         ),
     ] = None,
+    tta_scale: TTAScale = [],  # noqa: B006
     precision: Precision = None,
     slice_: SliceSize = None,
     overlap: SliceOverlap = DEFAULT_OVERLAP,
@@ -311,6 +320,7 @@ def eval_(
         tta=tta,
         precision=precision,
         slicing=_slicing(slice_, overlap, slice_full),
+        tta_scales=tta_scale or None,
     )
     if not distributed.env_is_main():
         return
@@ -435,6 +445,7 @@ def predict(
     tta: Annotated[
         bool, typer.Option("--tta", help="Test-time augmentation: the image and its mirror, fused.")
     ] = False,
+    tta_scale: TTAScale = [],  # noqa: B006
     precision: Precision = None,
     slice_: SliceSize = None,
     overlap: SliceOverlap = DEFAULT_OVERLAP,
@@ -469,6 +480,7 @@ def predict(
         precision=precision,
         slicing=_slicing(slice_, overlap, slice_full),
         track=track,
+        **({"tta_scales": tta_scale} if tta_scale else {}),
     )
     frames = f", {summary.frames} video frames" if summary.frames else ""
     typer.echo(f"{summary.images} images{frames}: wrote {len(summary.written)} files to {out}")

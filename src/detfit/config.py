@@ -290,6 +290,11 @@ class TrainConfig(BaseModel):
     tta: bool = Field(
         False, description="evaluate with test-time augmentation (the image and its mirror)"
     )
+    tta_scales: Annotated[list[PositiveFloat], Field(min_length=1, max_length=5)] = Field(
+        [1.0],
+        description="test-time augmentation's sizes, as factors of the model's own resize "
+        "(1.0); every size is also mirrored, e.g. [1.0, 1.15]",
+    )
     adapt_to_data: bool = Field(
         True,
         description="let the training set's image and object sizes choose the resize, anchors, "

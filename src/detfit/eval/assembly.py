@@ -76,6 +76,6 @@ def evaluate_run(
         progress=progress,
         verbose=False,
         backend=cfg.eval_backend,
-        tta=tta_views(cfg.tta if tta is None else tta, keypoint_names),
+        tta=tta_views(cfg.tta if tta is None else tta, keypoint_names, cfg.tta_scales),
         autocast_dtype=autocast_dtype,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ def evaluate_checkpoint(
     tta: bool | None = None,
     precision: str | None = None,
     slicing: Slicing | None = None,
+    tta_scales: Sequence[float] | None = None,
 ) -> EvaluationResult:
     """COCO evaluation of ``checkpoint`` on its run's test split, or on ``data`` (its test or
     val split when it names one, else every image), or on the ``split`` named (train, val,
@@ -49,9 +50,9 @@ def evaluate_checkpoint(
     metric's summary table per IoU type (not its index-building chatter); ``plots`` names a
     folder for the PR curves, confusion matrix and ``val_predictions.jpg``; ``log`` gets one line
     saying which images are scored; ``tta``: with test-time augmentation (None: as the run's
-    ``tta`` setting); ``precision`` (fp32, bf16, fp16) overrides the run's own (its
-    precision/amp settings); ``slicing`` scores sliced inference (:mod:`detfit.predict.slicing`)
-    with the same metric.
+    ``tta`` setting) at ``tta_scales`` (None: the run's); ``precision`` (fp32, bf16, fp16)
+    overrides the run's own (its precision/amp settings); ``slicing`` scores sliced inference
+    (:mod:`detfit.predict.slicing`) with the same metric.
 
     Under torchrun each rank scores its share of the images and rank 0 gathers them: the stats
     (on every rank) equal a single-process evaluation of the same weights.
@@ -62,6 +63,8 @@ def evaluate_checkpoint(
 
     if backend is not None:
         check_setting("eval_backend", backend, "--backend")  # before the (slow) checkpoint is read
+    if tta_scales is not None:
+        tta_scales = check_setting("tta_scales", list(tta_scales), "--tta-scale")
     if tta and slicing is not None:
         from detfit.predict.predictor import TTA_WITH_SLICES
 
@@ -81,6 +84,8 @@ def evaluate_checkpoint(
         cfg.eval_backend = backend
     if precision is not None:
         cfg.precision = precision
+    if tta_scales is not None:
+        cfg.tta_scales = tta_scales
     main = distributed.is_main
     with distributed.process_group(dev):
         with distributed.main_first():

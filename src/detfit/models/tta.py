@@ -14,10 +14,12 @@ own NMS already separated them), so the output equals plain inference.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, box_iou
 from torchvision.transforms.v2 import functional as F
 
@@ -27,7 +29,8 @@ FUSION_IOU = 0.55  # above torchvision's box_nms_thresh (0.5): one view's detect
 
 @dataclass(frozen=True)
 class TTA:
-    """Which views: the image at each of ``scales`` (1.0 is the model's own size), each also
+    """Which views: the image at each of ``scales`` (1.0 is the model's own size: a scale
+    multiplies the short side and the cap on the long side the model resizes to), each also
     mirrored when ``flip``. ``keypoint_perm``: which keypoint takes each one's place in a mirror
     (left/right swap, see :func:`detfit.data.transforms.keypoint_flip_permutation`)."""
 
@@ -41,15 +44,17 @@ class TTA:
         return [(s, f) for s in self.scales for f in ((False, True) if self.flip else (False,))]
 
 
-def tta_views(on: bool, keypoint_names: Sequence[str] | None = None) -> TTA | None:
-    """The ``tta`` setting as views: the image and its mirror (keypoints' left and right
-    swapped), or None when off."""
+def tta_views(
+    on: bool, keypoint_names: Sequence[str] | None = None, scales: Sequence[float] = (1.0,)
+) -> TTA | None:
+    """The ``tta`` and ``tta_scales`` settings as views: the image and its mirror (keypoints'
+    left and right swapped) at each scale, or None when off."""
     if not on:
         return None
     from detfit.data.transforms import keypoint_flip_permutation
 
     perm = keypoint_flip_permutation(list(keypoint_names or []))
-    return TTA(flip=True, keypoint_perm=tuple(perm) if perm else None)
+    return TTA(flip=True, scales=tuple(scales), keypoint_perm=tuple(perm) if perm else None)
 
 
 def tta_predict(
@@ -57,11 +62,18 @@ def tta_predict(
     images: Sequence[torch.Tensor],
     tta: TTA = TTA(),
 ) -> list[Output]:
-    """``model(images)`` with test-time augmentation: one model call per view for the batch."""
+    """``model(images)`` with test-time augmentation: one model call per view for the batch.
+
+    A torchvision detector resizes each image itself (to its ``min_size``, within
+    ``max_size``), so a scale is applied there, to those sizes, for the view's call; a model
+    whose resizing is out of reach (an exported file) gets the image itself rescaled."""
     per_view = []
+    transform = resizing_transform(model)
     for scale, flip in tta.views:
-        views = [_view(im, scale, flip) for im in images]
-        outputs = model(views)
+        inside = transform is not None
+        views = [_view(im, 1.0 if inside else scale, flip) for im in images]
+        with resized_by(transform, scale if inside else 1.0):
+            outputs = model(views)
         per_view.append(
             [
                 _undo(o, tuple(im.shape[-2:]), tuple(v.shape[-2:]), flip, tta.keypoint_perm)
@@ -69,6 +81,32 @@ def tta_predict(
             ]
         )
     return [fuse([view[i] for view in per_view], tta.iou) for i in range(len(images))]
+
+
+def resizing_transform(model: object) -> GeneralizedRCNNTransform | None:
+    """The transform that resizes images inside ``model`` (a torchvision detector, or what wraps
+    one: an eager runner's ``model``, DDP's ``module``), when its sizes can be scaled; None
+    otherwise (SSD's fixed square, exported files)."""
+    for candidate in (model, getattr(model, "model", None), getattr(model, "module", None)):
+        transform = getattr(candidate, "transform", None)
+        if isinstance(transform, GeneralizedRCNNTransform) and transform.fixed_size is None:
+            return transform
+    return None
+
+
+@contextmanager
+def resized_by(transform: GeneralizedRCNNTransform | None, scale: float) -> Iterator[None]:
+    """The model's resize sizes times ``scale`` for the time of one call, then as they were."""
+    if transform is None or scale == 1.0:
+        yield
+        return
+    min_size, max_size = transform.min_size, transform.max_size
+    transform.min_size = tuple(max(1, round(side * scale)) for side in min_size)
+    transform.max_size = max(1, round(max_size * scale))
+    try:
+        yield
+    finally:
+        transform.min_size, transform.max_size = min_size, max_size
 
 
 def _view(image: torch.Tensor, scale: float, flip: bool) -> torch.Tensor:

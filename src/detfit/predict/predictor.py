@@ -65,7 +65,9 @@ class Predictor:
     """Loads a checkpoint (.pt or run folder: its best.pt), TorchScript or ONNX model (an int8
     one from ``detfit export --quantize int8`` too). ``precision`` bf16 runs a checkpoint under
     bfloat16 autocast (docs/speed.md).
-    ``tta=True``: test-time augmentation, the image and its mirror with detections fused.
+    ``tta=True``: test-time augmentation, the image and its mirror with detections fused, at
+    each of ``tta_scales`` (factors of the model's own resize; an exported file resizes inside
+    its graph, so there the scaled image is what it gets, resized again).
 
     >>> predictor = Predictor("runs/maskrcnn_mobilenet_v2_fpn", device="cpu")
     >>> result = predictor("photo.jpg")  # Prediction(boxes, labels, scores, class_names, masks)
@@ -85,7 +87,11 @@ class Predictor:
         precision: str | None = None,
         threads: int | None = None,
         slicing: Slicing | None = None,
+        tta_scales: Sequence[float] = (1.0,),
     ) -> None:
+        from detfit.config import check_setting
+
+        tta_scales = check_setting("tta_scales", list(tta_scales), "--tta-scale")
         if tta and slicing is not None:  # before the (slow) load
             raise DetfitError(TTA_WITH_SLICES)
         self.backend: Backend = load_backend(path, device, threads, precision=precision)
@@ -98,7 +104,7 @@ class Predictor:
         self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
         self.keep_labels = self._labels(classes) if classes else None
         # test-time augmentation (the image and its mirror, fused): detfit.models.tta
-        self.tta = tta_views(tta, info.get("keypoint_names"))
+        self.tta = tta_views(tta, info.get("keypoint_names"), tta_scales)
         self.slicing = slicing
 
     @property
