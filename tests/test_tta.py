@@ -175,13 +175,46 @@ def test_a_scale_resizes_inside_the_model_and_puts_its_sizes_back(trained_run):
 
 
 def test_tta_scales_are_checked_as_the_setting(trained_run, tmp_path, monkeypatch, capsys):
+    """Bad sizes, sizes without --tta, and sizes for a model that resizes itself out of reach:
+    one line each, exit 2."""
     from detfit.config import SettingsError, TrainConfig
+    from detfit.export import export_model
 
     with pytest.raises(SettingsError, match="tta_scales"):
         TrainConfig(tta_scales=[])
-    code, _, err = run_main(
-        monkeypatch, capsys, "eval", trained_run, "--tta", "--tta-scale", "0", "--no-plots"
+    cases = [
+        (["eval", trained_run, "--tta", "--tta-scale", "0", "--no-plots"], "--tta-scale"),
+        (["eval", trained_run, "--tta-scale", "1.2", "--no-plots"], "add --tta"),
+        (
+            ["predict", trained_run, "x.png", "--tta-scale", "1.2", "--out", tmp_path / "q"],
+            "add --tta",
+        ),
+    ]
+    scripted, _ = export_model(
+        trained_run, "torchscript", tmp_path / "m.torchscript.pt", check=False, log=lambda s: None
     )
-    assert code == 2 and err.startswith("detfit: error: --tta-scale") and err.count("\n") == 1
+    cases.append(
+        (["predict", scripted, "x.png", "--tta", "--tta-scale", "1.2", "--out", tmp_path / "p"],
+         "would change nothing")
+    )  # fmt: skip
+    for args, message in cases:
+        code, _, err = run_main(monkeypatch, capsys, *args)
+        assert code == 2 and err.startswith("detfit: error: ") and err.count("\n") == 1, err
+        assert message in err, err
     with pytest.raises(SettingsError, match="--tta-scale"):
         Predictor(trained_run, device="cpu", tta=True, tta_scales=[1.0, -2.0])
+
+
+def test_predictor_scales_reach_the_checkpoints_model(trained_run):
+    """Predictor(tta_scales=...) on a checkpoint: the backbone sees the larger size (a scale
+    applied to the image alone would be resized back), and the detections change with it."""
+    image = torch.rand(3, 60, 80)
+    plain = Predictor(trained_run, device="cpu", score_threshold=0.0, tta=True)
+    scaled = Predictor(trained_run, device="cpu", score_threshold=0.0, tta=True,
+                       tta_scales=[1.0, 1.5])  # fmt: skip
+    seen: list[int] = []
+    backbone = scaled.backend.runner.model.backbone
+    backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-2]))
+    a, b = plain(image), scaled(image)
+    assert len(seen) == 4 and max(seen) >= 1.4 * min(seen), seen  # 2 sizes x (image, mirror)
+    assert len(a) != len(b) or not torch.equal(a.scores, b.scores)

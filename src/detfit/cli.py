@@ -480,7 +480,7 @@ def predict(
         precision=precision,
         slicing=_slicing(slice_, overlap, slice_full),
         track=track,
-        **({"tta_scales": tta_scale} if tta_scale else {}),
+        tta_scales=tta_scale or None,
     )
     frames = f", {summary.frames} video frames" if summary.frames else ""
     typer.echo(f"{summary.images} images{frames}: wrote {len(summary.written)} files to {out}")

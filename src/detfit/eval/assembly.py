@@ -60,13 +60,15 @@ def evaluate_run(
     setting) is on (flips swap ``keypoint_names``' left and right). ``slicing`` scores sliced
     inference (:mod:`detfit.predict.slicing`) with the same metric."""
     from detfit.models import iou_types
-    from detfit.models.tta import tta_views
+    from detfit.models.tta import check_scales_reach, tta_views
 
     scored = model
     if slicing is not None:
         from detfit.predict.slicing import SlicedModel
 
         scored = SlicedModel(model, slicing)
+    views = tta_views(cfg.tta if tta is None else tta, keypoint_names, cfg.tta_scales)
+    check_scales_reach(model, views, cfg.model)
     return evaluate(
         scored,
         loader,
@@ -76,6 +78,6 @@ def evaluate_run(
         progress=progress,
         verbose=False,
         backend=cfg.eval_backend,
-        tta=tta_views(cfg.tta if tta is None else tta, keypoint_names, cfg.tta_scales),
+        tta=views,
         autocast_dtype=autocast_dtype,
     )

@@ -65,9 +65,9 @@ def evaluate_checkpoint(
         check_setting("eval_backend", backend, "--backend")  # before the (slow) checkpoint is read
     if tta_scales is not None:
         tta_scales = check_setting("tta_scales", list(tta_scales), "--tta-scale")
-    if tta and slicing is not None:
-        from detfit.predict.predictor import TTA_WITH_SLICES
+    from detfit.predict.predictor import TTA_SCALES_ALONE, TTA_WITH_SLICES
 
+    if tta and slicing is not None:
         raise DetfitError(TTA_WITH_SLICES)
     dev = distributed.resolve_device(device)
     loaded = load_model(checkpoint, dev)
@@ -85,6 +85,8 @@ def evaluate_checkpoint(
     if precision is not None:
         cfg.precision = precision
     if tta_scales is not None:
+        if not (cfg.tta if tta is None else tta):
+            raise DetfitError(TTA_SCALES_ALONE)
         cfg.tta_scales = tta_scales
     main = distributed.is_main
     with distributed.process_group(dev):

@@ -24,6 +24,8 @@ from torchvision.ops import batched_nms, box_iou
 from torchvision.transforms.v2 import functional as F
 
 Output = dict[str, torch.Tensor]
+# Attributes through which a wrapper holds the model it runs (predict backends, DDP).
+WRAPPED = ("runner", "model", "module")
 FUSION_IOU = 0.55  # above torchvision's box_nms_thresh (0.5): one view's detections never merge
 
 
@@ -83,14 +85,33 @@ def tta_predict(
     return [fuse([view[i] for view in per_view], tta.iou) for i in range(len(images))]
 
 
+def check_scales_reach(model: object, tta: TTA | None, what: str) -> None:
+    """Refuse sizes other than 1.0 for a model that resizes every image to a size it does not
+    expose (an exported file, SSD's fixed square): there a scaled view is resized back, so the
+    extra views would cost time and change nothing. ``what`` names the model in the line."""
+    from detfit.errors import DetfitError
+
+    if tta is None or all(s == 1.0 for s in tta.scales) or resizing_transform(model) is not None:
+        return
+    raise DetfitError(
+        f"{what}: its model resizes every image itself to a size detfit cannot change (an "
+        "exported file, or SSD's fixed square), so --tta-scale other than 1 would change "
+        "nothing; use the .pt checkpoint of a model with min_size/max_size, or the flip alone"
+    )
+
+
 def resizing_transform(model: object) -> GeneralizedRCNNTransform | None:
     """The transform that resizes images inside ``model`` (a torchvision detector, or what wraps
-    one: an eager runner's ``model``, DDP's ``module``), when its sizes can be scaled; None
-    otherwise (SSD's fixed square, exported files)."""
-    for candidate in (model, getattr(model, "model", None), getattr(model, "module", None)):
+    one: a predict backend's ``runner``, an eager runner's ``model``, DDP's ``module``), when its
+    sizes can be scaled; None otherwise (SSD's fixed square, exported files)."""
+    candidates, seen = [model], 0
+    while seen < len(candidates) and seen < 8:  # the model, what it wraps, what that wraps
+        candidate = candidates[seen]
+        seen += 1
         transform = getattr(candidate, "transform", None)
-        if isinstance(transform, GeneralizedRCNNTransform) and transform.fixed_size is None:
-            return transform
+        if isinstance(transform, GeneralizedRCNNTransform):
+            return transform if transform.fixed_size is None else None
+        candidates += [getattr(candidate, n) for n in WRAPPED if hasattr(candidate, n)]
     return None
 
 

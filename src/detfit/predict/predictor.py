@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from detfit.errors import DetfitError
-from detfit.models.tta import tta_predict, tta_views
+from detfit.models.tta import check_scales_reach, tta_predict, tta_views
 from detfit.predict.backends import Backend, load_backend
 from detfit.predict.defaults import DEFAULT_MASK_THRESHOLD, DEFAULT_SCORE_THRESHOLD
 from detfit.predict.slicing import Slicing, sliced_output
@@ -20,6 +20,7 @@ ImageLike = Any  # a path, a PIL image, an HxWx3 numpy array or a [3,H,W] tensor
 # Test-time augmentation runs the model on the whole image and its mirror; sliced inference runs
 # it on tiles. Both at once is not built, and one silently losing to the other would mislead.
 TTA_WITH_SLICES = "--tta and --slice cannot be combined: choose one"
+TTA_SCALES_ALONE = "--tta-scale sets the sizes of test-time augmentation: add --tta"
 
 
 @dataclass
@@ -66,8 +67,9 @@ class Predictor:
     one from ``detfit export --quantize int8`` too). ``precision`` bf16 runs a checkpoint under
     bfloat16 autocast (docs/speed.md).
     ``tta=True``: test-time augmentation, the image and its mirror with detections fused, at
-    each of ``tta_scales`` (factors of the model's own resize; an exported file resizes inside
-    its graph, so there the scaled image is what it gets, resized again).
+    each of ``tta_scales`` (factors of the model's own resize; None: the model's size alone).
+    Sizes other than 1 need a checkpoint whose model resizes to ``min_size``/``max_size``: an
+    exported file or SSD is refused in one line.
 
     >>> predictor = Predictor("runs/maskrcnn_mobilenet_v2_fpn", device="cpu")
     >>> result = predictor("photo.jpg")  # Prediction(boxes, labels, scores, class_names, masks)
@@ -87,11 +89,14 @@ class Predictor:
         precision: str | None = None,
         threads: int | None = None,
         slicing: Slicing | None = None,
-        tta_scales: Sequence[float] = (1.0,),
+        tta_scales: Sequence[float] | None = None,
     ) -> None:
         from detfit.config import check_setting
 
-        tta_scales = check_setting("tta_scales", list(tta_scales), "--tta-scale")
+        if tta_scales is not None:  # None: the flip at the model's own size
+            tta_scales = check_setting("tta_scales", list(tta_scales), "--tta-scale")
+            if not tta:
+                raise DetfitError(TTA_SCALES_ALONE)
         if tta and slicing is not None:  # before the (slow) load
             raise DetfitError(TTA_WITH_SLICES)
         self.backend: Backend = load_backend(path, device, threads, precision=precision)
@@ -104,7 +109,8 @@ class Predictor:
         self.score_threshold, self.mask_threshold = score_threshold, mask_threshold
         self.keep_labels = self._labels(classes) if classes else None
         # test-time augmentation (the image and its mirror, fused): detfit.models.tta
-        self.tta = tta_views(tta, info.get("keypoint_names"), tta_scales)
+        self.tta = tta_views(tta, info.get("keypoint_names"), tta_scales or (1.0,))
+        check_scales_reach(self.backend, self.tta, str(path))
         self.slicing = slicing
 
     @property

@@ -268,7 +268,7 @@ def predict_inputs(
     precision: str | None = None,
     slicing: Slicing | None = None,
     track: bool = False,
-    tta_scales: Sequence[float] = (1.0,),
+    tta_scales: Sequence[float] | None = None,
 ) -> Summary:
     """Predict every image and video; see the module docstring for what is written. Nothing the
     user gave is overwritten, nor earlier outputs unless ``overwrite``. ``precision``: fp32, bf16
